@@ -1,0 +1,103 @@
+"""The draft model with a tree-aware KV cache.
+
+The cache holds the committed prefix (the last committed token is the tree's root) followed by
+one slot per tree node expanded so far, in expansion order. A batch of new nodes attends to the
+prefix, to its ancestors' slots and to itself; its position is the root's plus its depth. At the
+end of a round `keep` gathers the prefix, the accepted path (which becomes committed) and any
+subtree worth reusing, along the sequence axis.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
+from protocol.tree import ROOT, additive_mask
+
+
+class DraftModel:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.decoder = getattr(model, model.base_model_prefix)
+        self.head = model.get_output_embeddings()
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.config.vocab_size)
+        self.forwards = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.model.config)
+        self.committed = 0
+        self.slot_depth: list[int] = []
+        self.slot_anc = torch.zeros(0, 0, dtype=torch.bool)  # [S, S] ancestor-or-self among slots
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slot_depth)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.get_input_embeddings().weight.device
+
+    def _run(self, ids: list[int], positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        device = self.device
+        with torch.inference_mode():
+            out = self.decoder(input_ids=torch.tensor([ids], device=device),
+                               position_ids=positions[None].to(device),
+                               attention_mask=None if mask is None else mask.to(device),
+                               past_key_values=self.cache, use_cache=True)
+            hidden = out.last_hidden_state[0]
+            self.forwards += 1
+            return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.head(hidden).float()
+
+    def extend(self, tokens: list[int]) -> torch.Tensor:
+        """Append committed tokens (no tree slots may be open); logits [V] after the last one."""
+        if self.n_slots:
+            raise RuntimeError("extend with open tree slots: call keep() first")
+        if not tokens:
+            raise ValueError("extend needs at least one token")
+        positions = torch.arange(self.committed, self.committed + len(tokens))
+        hidden = self._run(list(tokens), positions, None)
+        self.committed += len(tokens)
+        return self.logits(hidden[-1:])[0]
+
+    def expand(self, tokens: list[int], parent_slots: list[int]) -> torch.Tensor:
+        """Add tree nodes whose parents are existing slots (ROOT: the last committed token).
+
+        Returns the logits [n, V] after each new node, which now occupy the next n slots.
+        """
+        n, s, c = len(tokens), self.n_slots, self.committed
+        parents = torch.as_tensor(parent_slots, dtype=torch.long)
+        inherited = torch.zeros(n, s, dtype=torch.bool)
+        has_parent = parents != ROOT
+        if s and bool(has_parent.any()):
+            inherited[has_parent] = self.slot_anc[parents[has_parent]]
+        depth = [1 if p == ROOT else self.slot_depth[p] + 1 for p in parent_slots]
+        visible = torch.ones(n, c + s + n, dtype=torch.bool)
+        visible[:, c:c + s] = inherited
+        visible[:, c + s:] = torch.eye(n, dtype=torch.bool)
+        positions = torch.tensor(depth) + (c - 1)
+        hidden = self._run(list(tokens), positions, additive_mask(visible, self.dtype))
+        grown = torch.zeros(s + n, s + n, dtype=torch.bool)
+        grown[:s, :s] = self.slot_anc
+        grown[s:, :s] = inherited
+        grown[s:, s:] = torch.eye(n, dtype=torch.bool)
+        self.slot_anc = grown
+        self.slot_depth.extend(depth)
+        return self.logits(hidden)
+
+    def keep(self, path_slots: list[int], tree_slots: list[int]) -> None:
+        """Commit `path_slots` (a root-to-node chain) and keep `tree_slots` (their subtree)."""
+        if cache_length(self.cache) != self.committed + self.n_slots:
+            raise RuntimeError("draft cache out of step with its slot table")
+        keep = path_slots + sorted(tree_slots)
+        gather_cache(self.cache, keep_prefix_and(self.committed, [self.committed + i for i in keep]))
+        idx = torch.as_tensor(sorted(tree_slots), dtype=torch.long)
+        self.slot_anc = self.slot_anc[idx][:, idx]
+        self.slot_depth = [self.slot_depth[i] - len(path_slots) for i in sorted(tree_slots)]
+        self.committed += len(path_slots)

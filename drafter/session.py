@@ -1,0 +1,147 @@
+"""The generation loop on the drafter side: it owns the committed sequence and the output.
+
+Each round grows a tree, submits it, (with overlap) keeps growing while the target verifies,
+commits the verdict's tokens and reroots the search on the bonus token. The loop only talks to
+a `VerifierLink`, so the same code drives an in-process verifier or a remote one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from drafter.tree_search import TreeConfig, TreeSearch
+from protocol.link import UnknownSession, VerifierLink
+from protocol.messages import VerifyRequest
+from protocol.tree import DraftTree
+
+
+@dataclass
+class RoundStats:
+    tree_size: int
+    tree_depth: int
+    emitted: int
+    reused: int  # nodes carried over from the previous round's search (overlap hits)
+    draft_s: float
+    verify_s: float
+
+
+@dataclass
+class GenerationStats:
+    method: str
+    budget: int
+    new_tokens: int = 0
+    target_forwards: int = 0
+    wall_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    rounds: list[RoundStats] = field(default_factory=list)
+
+    @property
+    def gen_rate(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s else 0.0
+
+    def summary(self) -> dict:
+        """The `stats` object of `generate --json`."""
+        return {
+            "method": self.method, "budget": self.budget, "new_tokens": self.new_tokens,
+            "target_forwards": self.target_forwards, "gen_rate": round(self.gen_rate, 4),
+            "tokens_per_s": round(self.tokens_per_s, 4), "wall_s": round(self.wall_s, 4),
+            "draft_s": round(self.draft_s, 4), "verify_s": round(self.verify_s, 4),
+        }
+
+    def rounds_table(self) -> list[dict]:
+        return [asdict(r) for r in self.rounds]
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finished: bool  # a stop token ended it (False: max_new_tokens did)
+    stats: GenerationStats
+
+
+class DraftSession:
+    """Generates one continuation against a verifier, drafting with `search` (None: no draft)."""
+
+    def __init__(self, link: VerifierLink, config: TreeConfig, search: TreeSearch | None,
+                 max_new_tokens: int, overlap: bool = False, session_id: str | None = None):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if search is None and config.method != "autoregressive":
+            raise ValueError(f"method {config.method} needs a draft model")
+        self.link, self.config, self.search = link, config, search
+        self.max_new_tokens, self.overlap = max_new_tokens, overlap
+        self.session_id = session_id or uuid.uuid4().hex
+
+    def generate(self, prompt_ids: list[int], on_tokens: Callable[[list[int]], None] | None = None
+                 ) -> GenerationResult:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        stats = GenerationStats(self.config.method, self.config.budget if self.search else 0)
+        start = time.perf_counter()
+        committed, new = list(prompt_ids), []
+        pending = list(prompt_ids)  # committed tokens the verifier has not processed
+        if self.search:
+            t = time.perf_counter()
+            self.search.start(committed)
+            stats.draft_s += time.perf_counter() - t
+        finished = False
+        while len(new) < self.max_new_tokens and not finished:
+            t = time.perf_counter()
+            sent = None
+            if self.search:
+                self.search.grow()
+                sent = self.search.tree()
+            tree = sent.tree if sent else DraftTree.empty()
+            reused = self.search.reused if self.search else 0
+            draft_s = time.perf_counter() - t
+            request = VerifyRequest(self.session_id, len(stats.rounds), pending, tree,
+                                    self.max_new_tokens - len(new))
+            verdict, verify_s, grow_s = self._verify(request, committed)
+            tokens = verdict.tokens(tree)
+            committed += tokens
+            new += tokens
+            pending = [verdict.bonus]
+            finished = verdict.finished
+            if on_tokens:
+                on_tokens(tokens)
+            t = time.perf_counter()
+            if self.search and not finished and len(new) < self.max_new_tokens:
+                self.search.reroot(sent, verdict.accepted, verdict.bonus)
+            draft_s += grow_s + time.perf_counter() - t
+            depth = int(tree.depths().max()) if len(tree) else 0
+            stats.rounds.append(RoundStats(len(tree), depth, len(tokens), reused, draft_s, verify_s))
+            stats.draft_s += draft_s
+            stats.verify_s += verify_s
+        stats.new_tokens, stats.target_forwards = len(new), len(stats.rounds)
+        stats.wall_s = time.perf_counter() - start
+        return GenerationResult(list(prompt_ids), new, finished, stats)
+
+    def _verify(self, request: VerifyRequest, committed: list[int]):
+        """Submit, grow past the budget while waiting (overlap), collect; recover lost sessions."""
+        t = time.perf_counter()
+        self.link.submit(request)
+        grow_s = 0.0
+        while self.overlap and self.search and not self.link.ready():
+            g = time.perf_counter()
+            grown = self.search.grow_beyond()
+            grow_s += time.perf_counter() - g
+            if not grown:
+                break
+        try:
+            verdict = self.link.collect()
+        except UnknownSession:
+            # The verifier lost our state: re-send the whole committed sequence with the same tree.
+            request = VerifyRequest(request.session, request.round, list(committed), request.tree,
+                                    request.max_emit)
+            self.link.submit(request)
+            verdict = self.link.collect()
+        return verdict, time.perf_counter() - t - grow_s, grow_s

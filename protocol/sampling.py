@@ -1,0 +1,89 @@
+"""The sampling rule: how target logits, temperature and top-p become the distribution we emit from.
+
+Both sides must agree on it bit for bit, so it lives here. Randomness is keyed by position:
+the uniform used for the token at absolute position `pos` of a session seeded `seed` is a hash
+of (seed, pos, draw). The SpecExec walk spends exactly one uniform per emitted token, so a
+seeded run emits the same tokens whatever trees the drafter sends, with or without overlap,
+after a verifier restart, and the same as plain autoregressive sampling with that seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+TOP_P_SHORTLIST = 512  # nucleus search starts from the top-k; the full sort is the fallback
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Dense float64 probabilities [V] after temperature and top-p; one-hot argmax when greedy."""
+    logits = logits.detach().reshape(-1).to(torch.float64)
+    if params.greedy:
+        probs = torch.zeros_like(logits)
+        probs[int(torch.argmax(logits))] = 1.0
+        return probs
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        probs = _nucleus(probs, params.top_p)
+    return probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most probable tokens whose mass reaches top_p; renormalise."""
+    k = min(TOP_P_SHORTLIST, probs.numel())
+    vals, ids = torch.topk(probs, k, sorted=True)
+    if float(vals.sum()) < top_p and k < probs.numel():
+        vals, ids = torch.sort(probs, descending=True)
+    cum = torch.cumsum(vals, 0)
+    keep = int(torch.searchsorted(cum, torch.tensor([top_p], dtype=cum.dtype))) + 1
+    keep = min(max(keep, 1), vals.numel())
+    out = torch.zeros_like(probs)
+    out[ids[:keep]] = vals[:keep] / vals[:keep].sum()
+    return out
+
+
+def sample(probs: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw in token-id order with one uniform u in [0, 1)."""
+    cdf = torch.cumsum(probs, 0)
+    x = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
+    x = min(x, probs.numel() - 1)
+    while probs[x] <= 0:  # u landed on a float boundary past the last non-zero entry
+        x -= 1
+    return x
+
+
+def uniform(seed: int, position: int, draw: int = 0) -> float:
+    """Deterministic uniform in [0, 1) for (seed, absolute position, draw index)."""
+    digest = hashlib.blake2b(struct.pack("<qqq", seed, position, draw), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * (1.0 / (1 << 53))
+
+
+def emit(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """The token plain decoding emits at `position`: argmax, or one keyed draw from the rule."""
+    if params.greedy:
+        return int(torch.argmax(logits.reshape(-1)))
+    return sample(target_distribution(logits, params), uniform(params.seed, position))

@@ -1,0 +1,75 @@
+"""The target model: one forward over `append + tree` on its KV cache, logits on demand, pruning.
+
+The forward runs the decoder only; the language-model head is applied lazily to the nodes the
+acceptance walk visits (a handful per round), not to every tree node: with a 152k vocabulary
+the head over a 256-node tree would be a sixth of the forward's work, almost all of it unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
+from protocol.tree import ROOT, DraftTree, verify_mask, verify_positions
+
+
+@dataclass
+class TreeOutputs:
+    """Decoder states of one verification forward; `logits(node)` applies the head on demand."""
+
+    hidden: torch.Tensor  # [A + N, H]: appended tokens, then tree nodes
+    n_append: int
+    head: torch.nn.Module
+
+    def logits(self, node: int) -> torch.Tensor:
+        """Target logits after `node` (ROOT: after the last appended token)."""
+        row = self.n_append - 1 if node == ROOT else self.n_append + node
+        with torch.inference_mode():
+            return self.head(self.hidden[row:row + 1]).float()[0]
+
+
+class TargetModel:
+    """A causal LM run over trees; each session owns its KV cache (`new_cache`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.decoder = getattr(model, model.base_model_prefix)
+        self.head = model.get_output_embeddings()
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.config.vocab_size)
+        self.forwards = 0
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.decoder.get_input_embeddings().weight.device
+
+    def forward(self, cache: DynamicCache, append: list[int], tree: DraftTree) -> TreeOutputs:
+        """Run `append + tree` on top of `cache`; appended tokens and tree nodes enter the cache."""
+        if not append:
+            raise ValueError("a verification forward needs at least one appended token (the root)")
+        past = cache_length(cache)
+        tokens = np.concatenate([np.asarray(append, dtype=np.int64), tree.tokens.astype(np.int64)])
+        device = self.input_device
+        ids = torch.from_numpy(tokens)[None].to(device)
+        mask = verify_mask(past, len(append), tree.parents, self.dtype).to(device)
+        positions = verify_positions(past, len(append), tree.depths()).to(device)
+        with torch.inference_mode():
+            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True)
+        self.forwards += 1
+        return TreeOutputs(out.last_hidden_state[0], len(append), self.head)
+
+    @staticmethod
+    def commit(cache: DynamicCache, tree_len: int, accepted: list[int]) -> None:
+        """Prune `cache` to everything before the tree plus the accepted nodes, in path order."""
+        if not tree_len:
+            return
+        base = cache_length(cache) - tree_len
+        gather_cache(cache, keep_prefix_and(base, [base + i for i in accepted]))
