@@ -7,7 +7,7 @@ the head over a 256-node tree would be a sixth of the forward's work, almost all
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,17 +19,30 @@ from protocol.tree import ROOT, DraftTree, verify_mask, verify_positions
 
 @dataclass
 class TreeOutputs:
-    """Decoder states of one verification forward; `logits(node)` applies the head on demand."""
+    """Decoder states of one verification forward; `logits(node)` applies the head on demand.
+
+    A miss at node v computes the head, in one batch, for v and the chain of first children
+    below it: siblings come in the draft's order of preference, so that chain is the path the
+    draft thinks most likely, and a walk that follows it costs a single head call.
+    """
 
     hidden: torch.Tensor  # [A + N, H]: appended tokens, then tree nodes
     n_append: int
     head: torch.nn.Module
+    tree: DraftTree
+    _logits: dict = field(default_factory=dict)
 
     def logits(self, node: int) -> torch.Tensor:
         """Target logits after `node` (ROOT: after the last appended token)."""
-        row = self.n_append - 1 if node == ROOT else self.n_append + node
-        with torch.inference_mode():
-            return self.head(self.hidden[row:row + 1]).float()[0]
+        if node not in self._logits:
+            chain = [node]
+            while kids := self.tree.children(chain[-1]):
+                chain.append(kids[0])
+            rows = [self.n_append - 1 if n == ROOT else self.n_append + n for n in chain]
+            with torch.inference_mode():
+                out = self.head(self.hidden[rows]).float()
+            self._logits.update(zip(chain, out))
+        return self._logits[node]
 
 
 class TargetModel:
@@ -64,7 +77,7 @@ class TargetModel:
             out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache, use_cache=True)
         self.forwards += 1
-        return TreeOutputs(out.last_hidden_state[0], len(append), self.head)
+        return TreeOutputs(out.last_hidden_state[0], len(append), self.head, tree)
 
     @staticmethod
     def commit(cache: DynamicCache, tree_len: int, accepted: list[int]) -> None:

@@ -1,0 +1,114 @@
+"""Composition: load the pair, build a drafter session against a verifier, run a prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from drafter.draft_model import DraftModel
+from drafter.session import DraftSession, GenerationResult
+from drafter.tree_search import TreeConfig, TreeSearch
+from launch import model_store
+from launch.packed_linear import pack_linears
+from protocol.sampling import SamplingParams
+from verifier.inprocess import InProcessVerifier
+from verifier.session import SessionConfig, TargetSession
+from verifier.target_model import TargetModel
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything one generation needs besides the models and the prompt."""
+
+    tree: TreeConfig
+    sampling: SamplingParams
+    max_new_tokens: int = 128
+    overlap: bool = False
+
+
+def resolve_dtype(name: str, path: str) -> torch.dtype:
+    """`auto`: the checkpoint's own dtype when the CPU computes in it, else float32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    from transformers import AutoConfig
+    stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+    return torch.bfloat16 if stored in (torch.bfloat16, "bfloat16") else torch.float32
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, pack: bool = True, **placement) -> torch.nn.Module:
+    """Load a checkpoint for inference; bf16 CPU linears get pre-packed weights (`packed_linear`)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                     **placement)
+    except OSError as err:
+        raise model_store.ModelStoreError(f"cannot load model {path}: {err}") from err
+    if pack and not placement:
+        pack_linears(model)
+    return model.eval()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise model_store.ModelStoreError(f"cannot load the tokenizer of {path}: {err}") from err
+
+
+def stop_ids(tokenizer, model) -> frozenset[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool | None) -> list[int]:
+    """Token ids for `text`; chat=None uses the chat template when the tokenizer has one."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat: this tokenizer has no chat template; use --raw")
+        out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer(text)["input_ids"]
+
+
+class LocalPipeline:
+    """Draft and target in this process; models stay loaded between prompts."""
+
+    def __init__(self, target_path: str, draft_path: str | None, dtype: str = "auto"):
+        self.tokenizer = load_tokenizer(target_path)
+        target = load_causal_lm(target_path, resolve_dtype(dtype, target_path))
+        self.target = TargetModel(target)
+        self.stop_ids = stop_ids(self.tokenizer, target)
+        self.draft = None
+        if draft_path is not None:
+            self.draft = DraftModel(load_causal_lm(draft_path, resolve_dtype(dtype, draft_path)))
+            if self.draft.vocab_size != self.target.vocab_size:
+                raise ValueError(f"draft vocabulary ({self.draft.vocab_size}) differs from the "
+                                 f"target's ({self.target.vocab_size}): not a usable pair")
+
+    def generate(self, prompt_ids: list[int], options: RunOptions,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        session = TargetSession(self.target, SessionConfig(options.sampling, options.tree.rule,
+                                                           self.stop_ids))
+        search = None
+        if options.tree.method != "autoregressive":
+            if self.draft is None:
+                raise ValueError(f"method {options.tree.method} needs a draft model")
+            search = TreeSearch(self.draft, options.tree, options.sampling)
+        drafter = DraftSession(InProcessVerifier(session), options.tree, search,
+                               options.max_new_tokens, overlap=options.overlap)
+        return drafter.generate(prompt_ids, on_tokens)

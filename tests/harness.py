@@ -1,0 +1,24 @@
+"""Build an in-process pipeline from two model objects, for tests."""
+
+from __future__ import annotations
+
+from drafter.draft_model import DraftModel
+from drafter.session import DraftSession
+from drafter.tree_search import TreeConfig, TreeSearch
+from protocol.sampling import SamplingParams
+from verifier.inprocess import InProcessVerifier
+from verifier.session import SessionConfig, TargetSession
+from verifier.target_model import TargetModel
+
+
+def run(target, draft, prompt, n, method="specexec", budget=16, params=SamplingParams(),
+        overlap=False, stop_ids=frozenset(), **tree_kw):
+    """Generate `n` tokens; `target`/`draft` are TargetModel/DraftModel or raw modules."""
+    target = target if isinstance(target, TargetModel) else TargetModel(target)
+    config = TreeConfig(method=method, budget=0 if method == "autoregressive" else budget, **tree_kw)
+    search = None
+    if method != "autoregressive":
+        draft = draft if isinstance(draft, DraftModel) else DraftModel(draft)
+        search = TreeSearch(draft, config, params)
+    link = InProcessVerifier(TargetSession(target, SessionConfig(params, config.rule, stop_ids)))
+    return DraftSession(link, config, search, n, overlap=overlap).generate(list(prompt))

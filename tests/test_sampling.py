@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from protocol.sampling import SamplingParams, emit, sample, target_distribution, uniform
+
+
+def brute_nucleus(logits, temperature, top_p):
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = torch.argsort(probs, descending=True)
+    keep, mass = [], 0.0
+    for i in order.tolist():
+        keep.append(i)
+        mass += float(probs[i])
+        if mass >= top_p:
+            break
+    out = torch.zeros_like(probs)
+    out[keep] = probs[keep] / probs[keep].sum()
+    return out
+
+
+def test_greedy_is_one_hot_argmax():
+    logits = torch.tensor([0.1, 3.0, -2.0, 2.9])
+    p = target_distribution(logits, SamplingParams(temperature=0))
+    assert p.tolist() == [0, 1, 0, 0]
+    assert emit(logits, SamplingParams(), position=7) == 1
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 0.9), (1.3, 0.5), (0.7, 0.999)])
+def test_distribution_matches_brute_force(temperature, top_p):
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        logits = torch.randn(1000, generator=gen) * 3
+        got = target_distribution(logits, SamplingParams(temperature, top_p))
+        assert torch.allclose(got, brute_nucleus(logits, temperature, top_p), atol=1e-12)
+        assert math.isclose(float(got.sum()), 1.0, rel_tol=1e-12)
+
+
+def test_nucleus_past_the_shortlist():
+    logits = torch.zeros(5000)  # flat: the nucleus needs 2501 tokens, beyond the top-k shortlist
+    got = target_distribution(logits, SamplingParams(1.0, 0.5001))
+    assert int((got > 0).sum()) == 2501
+    assert torch.allclose(got, brute_nucleus(logits, 1.0, 0.5001), atol=1e-12)
+
+
+def test_inverse_cdf_sample_boundaries():
+    p = torch.tensor([0.0, 0.25, 0.0, 0.75], dtype=torch.float64)
+    assert sample(p, 0.0) == 1
+    assert sample(p, 0.2499) == 1
+    assert sample(p, 0.25) == 3
+    assert sample(p, 0.999999) == 3
+    assert sample(torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64), 1 - 1e-17) == 1
+
+
+def test_uniform_is_keyed_and_spread():
+    assert uniform(1, 2) == uniform(1, 2)
+    assert uniform(1, 2) != uniform(1, 3) != uniform(2, 2)
+    assert uniform(1, 2, 0) != uniform(1, 2, 1)
+    draws = [uniform(5, pos) for pos in range(20000)]
+    assert 0 <= min(draws) and max(draws) < 1
+    assert abs(sum(draws) / len(draws) - 0.5) < 0.01
+
+
+def test_keyed_sampling_follows_the_distribution():
+    logits = torch.tensor([1.0, 0.0, 2.0, -1.0])
+    params = SamplingParams(temperature=1.0, seed=11)
+    counts = torch.zeros(4)
+    for pos in range(20000):
+        counts[emit(logits, params, pos)] += 1
+    expected = torch.softmax(logits, 0) * 20000
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(seed=-1), "seed"),
+])
+def test_bad_params_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
