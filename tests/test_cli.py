@@ -1,0 +1,90 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from launch.cli import main
+from tiny_models import greedy_reference, save_tiny_pair, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"))
+
+
+def generate(paths, *args):
+    runner = CliRunner()
+    return runner.invoke(main, ["generate", "--target", paths["target"], "--draft", paths["draft"], *args],
+                         catch_exceptions=False)
+
+
+@pytest.mark.parametrize("method", ["specexec", "specinfer", "chain", "autoregressive"])
+def test_generate_json_matches_target_greedy(tiny_pair, method):
+    paths, target = tiny_pair
+    res = generate(paths, "w10 w11 w12", "--raw", "--json", "--method", method, "--budget", "8",
+                   "--max-new-tokens", "12", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    prompt = tiny_tokenizer()("w10 w11 w12")["input_ids"]
+    ref = greedy_reference(target, prompt, 12)
+    if 2 in ref:  # the tiny model may emit its end-of-sequence token
+        ref = ref[: ref.index(2) + 1]
+    assert out["token_ids"] == ref
+    assert out["prompt_tokens"] == 3
+    stats = out["stats"]
+    assert set(stats) >= {"method", "budget", "new_tokens", "target_forwards", "gen_rate", "tokens_per_s",
+                          "wall_s", "draft_s", "verify_s"}
+    assert stats["method"] == method and stats["new_tokens"] == len(ref)
+    assert stats["gen_rate"] == pytest.approx(stats["new_tokens"] / stats["target_forwards"], abs=1e-3)
+
+
+def test_streaming_output_and_stats_line(tiny_pair):
+    paths, _ = tiny_pair
+    res = generate(paths, "hello there", "--max-new-tokens", "6", "--dtype", "float32")
+    assert res.exit_code == 0
+    assert "tokens in" in res.stderr and "target passes" in res.stderr and "specexec budget 16" in res.stderr
+    assert res.stdout.strip()  # the streamed text
+
+
+def test_chat_is_default_when_the_tokenizer_has_a_template(tiny_pair):
+    paths, _ = tiny_pair
+    chat = json.loads(generate(paths, "w9", "--json", "--max-new-tokens", "2").stdout)
+    raw = json.loads(generate(paths, "w9", "--json", "--raw", "--max-new-tokens", "2").stdout)
+    assert chat["prompt_tokens"] == 3  # "<user> w9 <assistant>", as the template lays it out
+    assert raw["prompt_tokens"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0"], "Invalid value for '--budget'"),
+    (["--temperature", "-1"], "Invalid value for '--temperature'"),
+    (["--top-p", "1.5"], "Invalid value for '--top-p'"),
+    (["--method", "beam"], "Invalid value for '--method'"),
+    (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
+])
+def test_bad_flags_are_named(tiny_pair, args, message):
+    paths, _ = tiny_pair
+    res = generate(paths, "w1", *args)
+    assert res.exit_code == 2 and message in res.output
+
+
+def test_missing_model_path_is_a_clear_error(tiny_pair, tmp_path):
+    paths, _ = tiny_pair
+    res = CliRunner().invoke(main, ["generate", "w1", "--target", str(tmp_path / "nope"), "--draft", paths["draft"]])
+    assert res.exit_code == 1 and "does not exist" in res.output
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(main, ["generate", "w1", "--target", str(tmp_path / "empty"), "--draft", paths["draft"]])
+    assert res.exit_code == 1 and "no config.json" in res.output
+
+
+def test_mismatched_vocabularies_are_refused(tmp_path):
+    small, _ = save_tiny_pair(tmp_path / "a", vocab=96)
+    big, _ = save_tiny_pair(tmp_path / "b", vocab=128)
+    res = CliRunner().invoke(main, ["generate", "w1", "--target", big["target"], "--draft", small["draft"]])
+    assert res.exit_code == 1 and "vocabulary" in res.output
+
+
+def test_models_list_shows_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECEXEC_HOME", str(tmp_path))
+    res = CliRunner().invoke(main, ["models", "list"])
+    assert res.exit_code == 0
+    assert "qwen2.5-coder-0.5b-instruct" in res.output and "not fetched" in res.output
