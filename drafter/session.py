@@ -47,13 +47,27 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens/s after the first round (which carries the prompt's prefill): the SpecExec
+        reference code's convention, which times and counts only the rounds after it."""
+        later = self.rounds[1:]
+        seconds = sum(r.draft_s + r.verify_s for r in later)
+        return sum(r.emitted for r in later) / seconds if seconds else 0.0
+
     def summary(self) -> dict:
-        """The `stats` object of `generate --json`."""
+        """The `stats` object of `generate --json` (the first nine keys are the documented ones)."""
+        n = max(len(self.rounds), 1)
         return {
             "method": self.method, "budget": self.budget, "new_tokens": self.new_tokens,
             "target_forwards": self.target_forwards, "gen_rate": round(self.gen_rate, 4),
             "tokens_per_s": round(self.tokens_per_s, 4), "wall_s": round(self.wall_s, 4),
             "draft_s": round(self.draft_s, 4), "verify_s": round(self.verify_s, 4),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 4),
+            "first_round_s": round(self.rounds[0].draft_s + self.rounds[0].verify_s, 4) if self.rounds else 0.0,
+            "mean_tree_size": round(sum(r.tree_size for r in self.rounds) / n, 2),
+            "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
+            "overlap_hit_rate": round(sum(r.reused > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
         }
 
     def rounds_table(self) -> list[dict]:

