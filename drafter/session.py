@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from drafter.tree_search import TreeConfig, TreeSearch
-from protocol.link import UnknownSession, VerifierLink
+from protocol.link import LinkError, UnknownSession, VerifierLink
 from protocol.messages import VerifyRequest
 from protocol.tree import DraftTree
 
@@ -38,6 +38,7 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     rounds: list[RoundStats] = field(default_factory=list)
+    link: dict = field(default_factory=dict)  # bytes and codec time, when the verifier is remote
 
     @property
     def gen_rate(self) -> float:
@@ -68,6 +69,7 @@ class GenerationStats:
             "mean_tree_size": round(sum(r.tree_size for r in self.rounds) / n, 2),
             "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
             "overlap_hit_rate": round(sum(r.reused > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
+            **self.link,
         }
 
     def rounds_table(self) -> list[dict]:
@@ -80,6 +82,17 @@ class GenerationResult:
     token_ids: list[int]
     finished: bool  # a stop token ended it (False: max_new_tokens did)
     stats: GenerationStats
+    error: str | None = None  # why generation stopped early; token_ids holds what was kept
+
+
+@dataclass
+class _Progress:
+    """The loop's state: what is committed, what is new, what the verifier has not seen."""
+
+    committed: list[int]
+    pending: list[int]
+    new: list[int] = field(default_factory=list)
+    finished: bool = False
 
 
 class DraftSession:
@@ -97,47 +110,55 @@ class DraftSession:
 
     def generate(self, prompt_ids: list[int], on_tokens: Callable[[list[int]], None] | None = None
                  ) -> GenerationResult:
+        """Run rounds until max_new_tokens or a stop token. A verifier lost for good (LinkError)
+        ends generation early: the result keeps every token accepted so far and says why."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         stats = GenerationStats(self.config.method, self.config.budget if self.search else 0)
+        state = _Progress(list(prompt_ids), list(prompt_ids))
+        link_before = self._link_counters()
         start = time.perf_counter()
-        committed, new = list(prompt_ids), []
-        pending = list(prompt_ids)  # committed tokens the verifier has not processed
-        if self.search:
-            t = time.perf_counter()
-            self.search.start(committed)
-            stats.draft_s += time.perf_counter() - t
-        finished = False
-        while len(new) < self.max_new_tokens and not finished:
-            t = time.perf_counter()
-            sent = None
+        error = None
+        try:
             if self.search:
-                self.search.grow()
-                sent = self.search.tree()
-            tree = sent.tree if sent else DraftTree.empty()
-            reused = self.search.reused if self.search else 0
-            draft_s = time.perf_counter() - t
-            request = VerifyRequest(self.session_id, len(stats.rounds), pending, tree,
-                                    self.max_new_tokens - len(new))
-            verdict, verify_s, grow_s = self._verify(request, committed)
-            tokens = verdict.tokens(tree)
-            committed += tokens
-            new += tokens
-            pending = [verdict.bonus]
-            finished = verdict.finished
-            if on_tokens:
-                on_tokens(tokens)
-            t = time.perf_counter()
-            if self.search and not finished and len(new) < self.max_new_tokens:
-                self.search.reroot(sent, verdict.accepted, verdict.bonus)
-            draft_s += grow_s + time.perf_counter() - t
-            depth = int(tree.depths().max()) if len(tree) else 0
-            stats.rounds.append(RoundStats(len(tree), depth, len(tokens), reused, draft_s, verify_s))
-            stats.draft_s += draft_s
-            stats.verify_s += verify_s
-        stats.new_tokens, stats.target_forwards = len(new), len(stats.rounds)
+                self.search.start(state.committed)
+                stats.draft_s += time.perf_counter() - start
+            while len(state.new) < self.max_new_tokens and not state.finished:
+                self._round(state, stats, on_tokens)
+        except LinkError as err:
+            error = str(err)
+        stats.new_tokens, stats.target_forwards = len(state.new), len(stats.rounds)
         stats.wall_s = time.perf_counter() - start
-        return GenerationResult(list(prompt_ids), new, finished, stats)
+        stats.link = {k: round(v - link_before.get(k, 0), 6) for k, v in self._link_counters().items()}
+        return GenerationResult(list(prompt_ids), state.new, state.finished, stats, error)
+
+    def _round(self, state: _Progress, stats: GenerationStats, on_tokens) -> None:
+        t = time.perf_counter()
+        sent = None
+        if self.search:
+            self.search.grow()
+            sent = self.search.tree()
+        tree = sent.tree if sent else DraftTree.empty()
+        reused = self.search.reused if self.search else 0
+        draft_s = time.perf_counter() - t
+        request = VerifyRequest(self.session_id, len(stats.rounds), list(state.pending), tree,
+                                self.max_new_tokens - len(state.new))
+        verdict, verify_s, grow_s = self._verify(request, state.committed)
+        tokens = verdict.tokens(tree)
+        state.committed += tokens
+        state.new += tokens
+        state.pending = [verdict.bonus]
+        state.finished = verdict.finished
+        if on_tokens:
+            on_tokens(tokens)
+        t = time.perf_counter()
+        if self.search and not state.finished and len(state.new) < self.max_new_tokens:
+            self.search.reroot(sent, verdict.accepted, verdict.bonus)
+        draft_s += grow_s + time.perf_counter() - t
+        depth = int(tree.depths().max()) if len(tree) else 0
+        stats.rounds.append(RoundStats(len(tree), depth, len(tokens), reused, draft_s, verify_s))
+        stats.draft_s += draft_s
+        stats.verify_s += verify_s
 
     def _verify(self, request: VerifyRequest, committed: list[int]):
         """Submit, grow past the budget while waiting (overlap), collect; recover lost sessions."""
@@ -159,3 +180,11 @@ class DraftSession:
             self.link.submit(request)
             verdict = self.link.collect()
         return verdict, time.perf_counter() - t - grow_s, grow_s
+
+    def _link_counters(self) -> dict:
+        link_stats = getattr(self.link, "stats", None)
+        if link_stats is None:
+            return {}
+        return {"bytes_sent": link_stats.bytes_sent, "bytes_received": link_stats.bytes_received,
+                "transport_s": link_stats.codec_s + link_stats.server_codec_s,
+                "reconnects": link_stats.reconnects}

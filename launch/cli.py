@@ -1,8 +1,10 @@
-"""`specexec` command line."""
+"""`specexec` command line: generate, chat, serve, bench, models, keys."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 import click
@@ -13,40 +15,63 @@ from launch import model_store
 from protocol.sampling import SamplingParams
 
 DEFAULT_BUDGET = 16
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str):
     raise click.ClickException(message)
 
 
-def generation_options(fn):
-    """Options shared by every command that generates."""
-    opts = [
-        click.option("--draft", default=None, metavar="MODEL",
-                     help="Draft model: Hugging Face id or local directory (default: the default pair's)."),
-        click.option("--target", default=None, metavar="MODEL",
-                     help="Target model: Hugging Face id or local directory (default: the default pair's)."),
-        click.option("--method", type=click.Choice(METHODS), default="specexec", show_default=True),
-        click.option("--budget", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
-                     help="Draft tree size (nodes sent per round)."),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-                     help="0 decodes greedily."),
-        click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0,
-                     show_default=True),
-        click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True),
-        click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
-                     show_default=True),
-        click.option("--max-n-beams", type=click.IntRange(min=1), default=TreeConfig.max_n_beams,
-                     show_default=True, help="Tree nodes expanded per draft forward."),
-        click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width,
-                     show_default=True, help="Children considered per expanded node."),
-        click.option("--max-depth", type=click.IntRange(min=1), default=TreeConfig.max_depth,
-                     show_default=True),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+def _options(opts):
+    def wrap(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return wrap
+
+
+model_options = _options([
+    click.option("--draft", default=None, metavar="MODEL",
+                 help="Draft model: Hugging Face id or local directory (default: the default pair's)."),
+    click.option("--target", default=None, metavar="MODEL",
+                 help="Target model: Hugging Face id or local directory (default: the default pair's)."),
+    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True),
+])
+
+tree_options = _options([
+    click.option("--method", type=click.Choice(METHODS), default="specexec", show_default=True),
+    click.option("--budget", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
+                 help="Draft tree size (nodes sent per round)."),
+    click.option("--max-n-beams", type=click.IntRange(min=1), default=TreeConfig.max_n_beams, show_default=True,
+                 help="Tree nodes expanded per draft forward."),
+    click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True,
+                 help="Children considered per expanded node."),
+    click.option("--max-depth", type=click.IntRange(min=1), default=TreeConfig.max_depth, show_default=True),
+])
+
+sampling_options = _options([
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
+    click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+                 help="0 decodes greedily."),
+    click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True),
+    click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True),
+])
+
+link_options = _options([
+    click.option("--connect", default=None, metavar="ADDRESS",
+                 help="Use the verifier at ADDRESS (e.g. tcp://gpu-box:5555) instead of starting one."),
+    click.option("--in-process", is_flag=True, help="Run the target in this process (no verifier process)."),
+    click.option("--overlap/--no-overlap", default=True, show_default=True,
+                 help="Keep drafting while the target verifies."),
+    click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="Shared HMAC key for --connect."),
+    click.option("--curve-dir", type=click.Path(exists=True, file_okay=False), default=None,
+                 help="CURVE keys for --connect (see `specexec keys generate`)."),
+    click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0, show_default=True,
+                 help="Seconds without a connection to the verifier before giving up."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="Torch threads per process (default: 1 each with overlap, else all cores)."),
+])
 
 
 def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
@@ -57,13 +82,44 @@ def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, 
     return RunOptions(tree, SamplingParams(temperature, top_p, seed), max_new_tokens, overlap)
 
 
-def load_pipeline(draft, target, method, dtype):
+def _read_key(key_file):
+    from protocol.framing import load_key
+    if key_file:
+        try:
+            return load_key(key_file)
+        except ValueError as err:
+            _fail(str(err))
+    env = os.environ.get("SPECEXEC_HMAC_KEY")
+    return env.encode() if env else None
+
+
+@contextlib.contextmanager
+def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, overlap=True, key_file=None,
+                  curve_dir=None, timeout_s=60.0, threads=None):
+    """The pipeline `generate`, `chat` and `bench` run on: in-process, a verifier at --connect, or
+    (default) a verifier process started here over ipc and stopped afterwards."""
+    import torch
     from launch.pipeline import LocalPipeline
+    from launch.remote_pipeline import LocalVerifier, RemotePipeline, VerifierStartError
+    from protocol.link import LinkError
+    threads = threads or (1 if overlap and not in_process else None)
+    if threads:
+        torch.set_num_threads(threads)
+    needs_draft = method != "autoregressive"
     try:
+        draft_path = model_store.resolve(draft, model_store.DRAFT) if needs_draft else None
+        if in_process:
+            yield LocalPipeline(model_store.resolve(target, model_store.TARGET), draft_path, dtype)
+            return
+        if connect:
+            tokenizer_path = draft_path or model_store.resolve(draft, model_store.DRAFT)
+            yield RemotePipeline(connect, draft_path, tokenizer_path, dtype, _read_key(key_file), curve_dir, timeout_s)
+            return
         target_path = model_store.resolve(target, model_store.TARGET)
-        draft_path = None if method == "autoregressive" else model_store.resolve(draft, model_store.DRAFT)
-        return LocalPipeline(target_path, draft_path, dtype)
-    except (model_store.ModelStoreError, ValueError) as err:
+        with LocalVerifier(target_path, dtype, threads) as verifier:
+            yield RemotePipeline(verifier.address, draft_path, draft_path or target_path, dtype, verifier.key,
+                                 None, timeout_s)
+    except (model_store.ModelStoreError, ValueError, LinkError, VerifierStartError) as err:
         _fail(str(err))
 
 
@@ -74,21 +130,31 @@ def main():
 
 @main.command()
 @click.argument("prompt")
-@generation_options
+@model_options
+@tree_options
+@sampling_options
+@link_options
 @click.option("--chat/--raw", default=None,
-              help="Apply the target's chat template (default: when the tokenizer has one).")
+              help="Apply the target's chat template (default: when there is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(prompt, draft, target, method, budget, max_new_tokens, temperature, top_p, seed, dtype,
-             max_n_beams, branch_width, max_depth, chat, as_json):
+def generate(prompt, draft, target, dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens,
+             temperature, top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, chat,
+             as_json):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
-    from launch.pipeline import encode_prompt
-    options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed,
-                                max_n_beams, branch_width, max_depth)
-    pipe = load_pipeline(draft, target, method, dtype)
-    try:
-        prompt_ids = encode_prompt(pipe.tokenizer, prompt, chat)
-    except ValueError as err:
-        _fail(str(err))
+    options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
+                                branch_width, max_depth, overlap)
+    with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
+                       timeout_s, threads) as pipe:
+        try:
+            prompt_ids = pipe.encode(prompt, chat)
+        except ValueError as err:
+            _fail(str(err))
+        code = run_one(pipe, prompt_ids, options, as_json)
+    sys.exit(code)
+
+
+def run_one(pipe, prompt_ids, options, as_json) -> int:
+    """Generate, streaming text (or collecting JSON); a lost verifier or Ctrl-C keeps what was made."""
     stream = TextStream(pipe.tokenizer, pipe.stop_ids)
     emitted: list[int] = []
 
@@ -102,30 +168,115 @@ def generate(prompt, draft, target, method, budget, max_new_tokens, temperature,
     try:
         result = pipe.generate(prompt_ids, options, on_tokens)
     except KeyboardInterrupt:
-        _report_partial(stream, emitted, prompt_ids, as_json, "interrupted")
-        sys.exit(130)
-    if as_json:
-        click.echo(json.dumps({"text": stream.text(), "token_ids": result.token_ids,
-                               "prompt_tokens": len(prompt_ids), "stats": result.stats.summary()}))
-    else:
-        sys.stdout.write("\n")
-        click.echo(format_stats(result.stats.summary()), err=True)
+        _report(stream, emitted, len(prompt_ids), None, as_json, "interrupted")
+        return 130
+    _report(stream, result.token_ids, len(prompt_ids), result.stats.summary(), as_json, result.error)
+    return 1 if result.error else 0
 
 
-def _report_partial(stream, emitted, prompt_ids, as_json, why):
+def _report(stream, token_ids, n_prompt, stats, as_json, error):
     if as_json:
-        click.echo(json.dumps({"text": stream.text(), "token_ids": emitted,
-                               "prompt_tokens": len(prompt_ids), "error": why}))
-    else:
-        sys.stdout.write("\n")
-        click.echo(f"[{why} after {len(emitted)} tokens; the text above is kept]", err=True)
+        out = {"text": stream.text(), "token_ids": token_ids, "prompt_tokens": n_prompt}
+        if stats is not None:
+            out["stats"] = stats
+        if error:
+            out["error"] = error
+        click.echo(json.dumps(out))
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats is not None:
+        click.echo(format_stats(stats), err=True)
+    if error:
+        click.echo(f"[stopped after {len(token_ids)} tokens: {error}; the text above is kept]", err=True)
 
 
 def format_stats(s: dict) -> str:
-    return (f"{s['new_tokens']} tokens in {s['wall_s']:.2f} s ({s['tokens_per_s']:.2f} tok/s) | "
+    line = (f"{s['new_tokens']} tokens in {s['wall_s']:.2f} s ({s['tokens_per_s']:.2f} tok/s) | "
             f"{s['target_forwards']} target passes, {s['gen_rate']:.2f} tokens/pass | "
             f"draft {s['draft_s']:.2f} s, verify {s['verify_s']:.2f} s | {s['method']}"
             + (f" budget {s['budget']}" if s["method"] != "autoregressive" else ""))
+    if "bytes_sent" in s:
+        line += f" | wire {s['bytes_sent'] + s['bytes_received']} B, transport {s['transport_s'] * 1e3:.1f} ms"
+    return line
+
+
+@main.command()
+@model_options
+@tree_options
+@sampling_options
+@link_options
+def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens, temperature,
+         top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads):
+    """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
+    from launch.pipeline import encode_chat
+    options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
+                                branch_width, max_depth, overlap)
+    with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
+                       timeout_s, threads) as pipe:
+        template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
+        history: list[dict] = []
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line:
+                break
+            history.append({"role": "user", "content": line})
+            try:
+                prompt_ids = encode_chat(pipe.tokenizer, history, template)
+            except ValueError as err:
+                _fail(str(err))
+            stream = TextStream(pipe.tokenizer, pipe.stop_ids)
+            sys.stdout.write("assistant> ")
+            try:
+                result = pipe.generate(prompt_ids, options,
+                                       lambda toks: (sys.stdout.write(stream.push(toks)), sys.stdout.flush()))
+            except KeyboardInterrupt:
+                sys.stdout.write("\n[interrupted]\n")
+                history.append({"role": "assistant", "content": stream.text()})
+                continue
+            sys.stdout.write("\n")
+            click.echo(format_stats(result.stats.summary()), err=True)
+            history.append({"role": "assistant", "content": stream.text()})
+            if result.error:
+                click.echo(f"[stopped: {result.error}]", err=True)
+                break
+
+
+@main.command()
+@click.option("--target", default=None, metavar="MODEL")
+@click.option("--bind", default=DEFAULT_BIND, show_default=True,
+              help="Where to listen: tcp://HOST:PORT or ipc://PATH. Loopback unless told otherwise.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Shared HMAC key: every message must be signed with it.")
+@click.option("--curve-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Encrypt and authenticate with CURVE (see `specexec keys generate`).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without a key.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--max-sessions", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-cached-tokens", type=click.IntRange(min=1), default=1 << 18, show_default=True,
+              help="KV cache budget over all sessions; least recently used sessions are evicted.")
+@click.option("--idle-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds after which an idle session's cache is freed.")
+@click.option("--exit-with-parent", is_flag=True, hidden=True)
+def serve(target, bind, dtype, key_file, curve_dir, insecure, threads, max_sessions, max_cached_tokens,
+          idle_timeout, exit_with_parent):
+    """Host the target model for drafters on the network (or on this machine)."""
+    from launch.serve import ServeOptions, serve as run_server
+    try:
+        target_path = model_store.resolve(target, model_store.TARGET)
+        options = ServeOptions(target_path, bind, dtype, _read_key(key_file), curve_dir, insecure, threads,
+                               max_sessions, max_cached_tokens, idle_timeout, exit_with_parent=exit_with_parent)
+        run_server(options)
+    except (model_store.ModelStoreError, ValueError) as err:
+        _fail(str(err))
+    except Exception as err:  # zmq bind errors and the like
+        if type(err).__name__ == "ZMQError":
+            _fail(f"cannot bind {bind}: {err}")
+        raise
 
 
 def _csv(kind):
@@ -138,8 +289,7 @@ def _csv(kind):
 
 
 @main.command()
-@click.option("--draft", default=None, metavar="MODEL")
-@click.option("--target", default=None, metavar="MODEL")
+@model_options
 @click.option("--prompts", "prompt_sets", default="oasst", show_default=True,
               help="Comma-separated prompt sets: oasst, c4, wikitext, humaneval, or JSON/JSONL files.")
 @click.option("--n-prompts", type=click.IntRange(min=1), default=5, show_default=True)
@@ -150,14 +300,15 @@ def _csv(kind):
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True,
               help="Applied at temperatures above 0.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
 @click.option("--max-n-beams", type=click.IntRange(min=1), default=TreeConfig.max_n_beams, show_default=True)
 @click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True)
 @click.option("--max-depth", type=click.IntRange(min=1), default=TreeConfig.max_depth, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write one JSON record per prompt and run (JSONL).")
-def bench(draft, target, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
-          dtype, max_n_beams, branch_width, max_depth, out):
+@link_options
+def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
+          max_n_beams, branch_width, max_depth, out, connect, in_process, overlap, key_file, curve_dir, timeout_s,
+          threads):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from launch import bench as benchmod
     from launch import prompts as promptmod
@@ -175,25 +326,23 @@ def bench(draft, target, prompt_sets, n_prompts, max_new_tokens, methods, budget
             sets[name] = promptmod.load(name)[:n_prompts]
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--prompts")
-    needs_draft = any(m != "autoregressive" for m in methods)
-    pipe = load_pipeline(draft, target, "specexec" if needs_draft else "autoregressive", dtype)
-    ids = {name: [p.render(pipe.tokenizer) for p in ps] for name, ps in sets.items()}
-    pids = {name: [p.id for p in ps] for name, ps in sets.items()}
     spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed)
+    any_draft = "specexec" if any(m != "autoregressive" for m in methods) else "autoregressive"
+    with open_pipeline(draft, target, any_draft, dtype, connect, in_process, overlap, key_file, curve_dir,
+                       timeout_s, threads) as pipe:
+        template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
+        ids = {name: [p.render(pipe.tokenizer, chat_template=template) for p in ps] for name, ps in sets.items()}
+        pids = {name: [p.id for p in ps] for name, ps in sets.items()}
 
-    def runner(prompt_ids, method, budget, temperature):
-        options = build_run_options(method, budget, max_new_tokens, temperature,
-                                    top_p if temperature > 0 else 1.0, seed, max_n_beams, branch_width, max_depth)
-        return pipe.generate(prompt_ids, options)
+        def runner(prompt_ids, method, budget, temperature):
+            options = build_run_options(method, budget, max_new_tokens, temperature,
+                                        top_p if temperature > 0 else 1.0, seed, max_n_beams, branch_width,
+                                        max_depth, overlap)
+            return pipe.generate(prompt_ids, options)
 
-    sink_file = open(out, "w") if out else None
-    try:
-        records = benchmod.run_bench(runner, ids, pids, spec,
-                                     (lambda r: (sink_file.write(r.to_json() + "\n"), sink_file.flush()))
-                                     if sink_file else None)
-    finally:
-        if sink_file:
-            sink_file.close()
+        with open(out, "w") if out else contextlib.nullcontext() as sink:
+            records = benchmod.run_bench(runner, ids, pids, spec,
+                                         (lambda r: (sink.write(r.to_json() + "\n"), sink.flush())) if sink else None)
     click.echo(benchmod.format_table(benchmod.summarize(records)))
 
 
@@ -222,6 +371,23 @@ def models_list():
     click.echo(f"SPECEXEC_HOME={model_store.home()}")
     for name, state, path in model_store.status():
         click.echo(f"{name:32s} {state:28s} {path}")
+
+
+@main.group()
+def keys():
+    """Keys for running a verifier on a network."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False))
+def keys_generate(directory):
+    """Write CURVE keypairs for a verifier and a drafter, and a shared HMAC key, into DIRECTORY."""
+    from protocol.security import generate_keys
+    d = generate_keys(directory)
+    click.echo(f"wrote {d}/server.key[_secret], {d}/client.key[_secret], {d}/authorized/client.key, {d}/hmac.key")
+    click.echo("GPU box:  specexec serve --bind tcp://0.0.0.0:5555 --key-file DIR/hmac.key --curve-dir DIR")
+    click.echo("laptop:   copy DIR without server.key_secret, then "
+               "specexec generate ... --connect tcp://GPU-BOX:5555 --key-file DIR/hmac.key --curve-dir DIR")
 
 
 if __name__ == "__main__":

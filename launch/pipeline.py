@@ -72,16 +72,21 @@ def stop_ids(tokenizer, model) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
-def encode_prompt(tokenizer, text: str, chat: bool | None) -> list[int]:
-    """Token ids for `text`; chat=None uses the chat template when the tokenizer has one."""
+def encode_chat(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                        chat_template=chat_template or None)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool | None, chat_template: str | None = None) -> list[int]:
+    """Token ids for `text`; chat=None uses the chat template when there is one."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
     if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
+        chat = bool(template)
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
+        if not template:
             raise ValueError("--chat: this tokenizer has no chat template; use --raw")
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                            add_generation_prompt=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        return encode_chat(tokenizer, [{"role": "user", "content": text}], template)
     return tokenizer(text)["input_ids"]
 
 
@@ -99,6 +104,9 @@ class LocalPipeline:
             if self.draft.vocab_size != self.target.vocab_size:
                 raise ValueError(f"draft vocabulary ({self.draft.vocab_size}) differs from the "
                                  f"target's ({self.target.vocab_size}): not a usable pair")
+
+    def encode(self, text: str, chat: bool | None) -> list[int]:
+        return encode_prompt(self.tokenizer, text, chat)
 
     def generate(self, prompt_ids: list[int], options: RunOptions,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:

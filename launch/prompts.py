@@ -26,11 +26,12 @@ class Prompt:
     messages: tuple[tuple[str, str], ...] = ()  # (role, content) pairs for chat
     text: str = ""  # raw continuation prompt when there are no messages
 
-    def render(self, tokenizer, chat: bool = True) -> list[int]:
+    def render(self, tokenizer, chat: bool = True, chat_template: str | None = None) -> list[int]:
         """Token ids for the target: chat template for chat prompts, plain encoding otherwise."""
-        if self.messages and chat and getattr(tokenizer, "chat_template", None):
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if self.messages and chat and template:
             out = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in self.messages],
-                                                add_generation_prompt=True)
+                                                add_generation_prompt=True, chat_template=template)
             return list(out["input_ids"] if hasattr(out, "keys") else out)
         text = self.text or "\n\n".join(c for _, c in self.messages)
         return tokenizer(text)["input_ids"]

@@ -16,6 +16,11 @@ class UnknownSession(RuntimeError):
     """The verifier holds no state for this session (restart, eviction): re-send everything."""
 
 
+class LinkError(RuntimeError):
+    """The verifier cannot be used any more (unreachable, or it refused us); generation stops
+    there and keeps what it has."""
+
+
 class VerifierLink(Protocol):
     def submit(self, request: VerifyRequest) -> None:
         """Hand a tree to the verifier; returns at once."""

@@ -1,0 +1,166 @@
+"""The drafter's side of the network: a DEALER socket speaking to a verifier's ROUTER.
+
+`RemoteVerifier` is a `VerifierLink`: `submit` sends and returns, `ready` polls, `collect`
+waits. ZMTP heartbeats let libzmq notice a dead verifier within a few seconds even while the
+target is busy; a socket monitor tells us about disconnects and reconnects, and the request in
+flight is sent again after a reconnect (the verifier answers a repeated round from its cache, so
+nothing is applied twice). A verifier that comes back without our session answers
+`unknown_session`: we open the session again and raise UnknownSession, and the generation loop
+re-sends its whole committed sequence. A verifier unreachable past `timeout_s` raises
+VerifierUnreachable; the loop keeps and returns what was generated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from protocol.codec import Limits, ProtocolError
+from protocol.framing import Signer, from_frames, to_frames
+from protocol.link import LinkError, UnknownSession
+from protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
+from protocol.security import curve_client, heartbeat
+
+
+class VerifierUnreachable(LinkError):
+    """No connection to the verifier for longer than the deadline."""
+
+
+class VerifierRejected(LinkError):
+    """The verifier answered with an error; `code` says which (protocol.messages.ERROR_CODES)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"verifier refused ({code}): {message}")
+        self.code = code
+
+
+@dataclass
+class LinkStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    codec_s: float = 0.0  # encode + send + receive + decode on this side
+    server_codec_s: float = 0.0  # decode on the verifier's side, as it reports
+    reconnects: int = 0
+    resends: int = 0
+
+
+class RemoteVerifier:
+    def __init__(self, address: str, hello: Hello, key: bytes | None = None, curve_dir: str | None = None,
+                 timeout_s: float = 60.0, ctx: zmq.Context | None = None, limits: Limits = Limits()):
+        self.address, self.hello, self.timeout_s, self.limits = address, hello, timeout_s, limits
+        self.ctx = ctx or zmq.Context.instance()
+        self.signer = Signer(key)
+        self.stats = LinkStats()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        heartbeat(self.sock)
+        if curve_dir:
+            curve_client(self.sock, curve_dir)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.sock.connect(address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self._inflight: VerifyRequest | None = None
+        self._awaiting = None  # the message whose reply we wait for: re-sent after a reconnect
+        self._connected, self._ever_connected = False, False
+        self._down_since = time.monotonic()
+        self.welcome: Welcome | None = None
+
+    # -- session ------------------------------------------------------------------------------
+
+    def open(self) -> Welcome:
+        """Send the handshake and wait for the verifier's limits."""
+        self._awaiting = self.hello
+        self._send(self.hello)
+        reply = self._wait(lambda m: isinstance(m, (Welcome, ErrorReply)) and m.session in ("", self.hello.session))
+        if isinstance(reply, ErrorReply):
+            raise VerifierRejected(reply.code, reply.message)
+        self.welcome, self._awaiting = reply, None
+        return reply
+
+    def close(self, wait_s: float = 1.0) -> None:
+        """Tell the verifier to free our session (waiting briefly for its ack), then disconnect."""
+        if self._connected:
+            try:
+                self._send(Close(self.hello.session))
+                deadline = time.monotonic() + wait_s
+                while (left := deadline - time.monotonic()) > 0 and self.sock.poll(int(left * 1000)):
+                    if isinstance(from_frames(self.signer, self.sock.recv_multipart(), self.limits), Close):
+                        break
+            except (zmq.ZMQError, ProtocolError):
+                pass
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+
+    # -- VerifierLink ---------------------------------------------------------------------------
+
+    def submit(self, request: VerifyRequest) -> None:
+        self._inflight = self._awaiting = request
+        self._send(request)
+
+    def ready(self) -> bool:
+        return bool(self.sock.poll(0, zmq.POLLIN))
+
+    def collect(self) -> Verdict:
+        request = self._inflight
+        if request is None:
+            raise RuntimeError("no tree was submitted")
+        reply = self._wait(lambda m: (isinstance(m, Verdict) and m.round == request.round)
+                           or (isinstance(m, ErrorReply) and m.session in ("", request.session)
+                               and m.round in (-1, request.round)))
+        if isinstance(reply, ErrorReply):
+            if reply.code == "unknown_session":
+                self.open()
+                raise UnknownSession(reply.message)
+            raise VerifierRejected(reply.code, reply.message)
+        self._inflight = self._awaiting = None
+        self.stats.server_codec_s += float(reply.extra.get("decode_s", 0.0))
+        return reply
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _send(self, msg) -> None:
+        t = time.perf_counter()
+        frames = to_frames(self.signer, msg)
+        self.sock.send_multipart(frames, copy=False)
+        self.stats.codec_s += time.perf_counter() - t
+        self.stats.bytes_sent += sum(len(f) for f in frames)
+
+    def _wait(self, wanted):
+        """Receive until `wanted(msg)`; resend after reconnects; give up after `timeout_s` offline."""
+        while True:
+            events = dict(self.poller.poll(200))
+            if self.monitor in events:
+                self._on_monitor_event(recv_monitor_message(self.monitor))
+            if self.sock in events:
+                t = time.perf_counter()
+                frames = self.sock.recv_multipart()
+                self.stats.bytes_received += sum(len(f) for f in frames)
+                try:
+                    msg = from_frames(self.signer, frames, self.limits)
+                except ProtocolError as err:
+                    raise VerifierRejected(err.code, f"unreadable reply: {err}") from None
+                self.stats.codec_s += time.perf_counter() - t
+                if wanted(msg):
+                    return msg
+            if not self._connected and time.monotonic() - self._down_since > self.timeout_s:
+                raise VerifierUnreachable(f"no connection to the verifier at {self.address} for "
+                                          f"{self.timeout_s:.0f} s")
+
+    def _on_monitor_event(self, event: dict) -> None:
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            if self._connected:
+                self._connected, self._down_since = False, time.monotonic()
+        elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            reconnect = self._ever_connected and not self._connected
+            self._connected = self._ever_connected = True
+            if reconnect:
+                self.stats.reconnects += 1
+                if self._awaiting is not None:
+                    self.stats.resends += 1
+                    self._send(self._awaiting)

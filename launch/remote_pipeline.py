@@ -1,0 +1,130 @@
+"""The drafter process's side of the two-process pipeline, and a verifier it can start itself."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from typing import Callable
+
+from drafter.draft_model import DraftModel
+from drafter.remote import RemoteVerifier
+from drafter.session import DraftSession, GenerationResult
+from drafter.tree_search import TreeSearch
+from launch.pipeline import RunOptions, encode_prompt, load_causal_lm, load_tokenizer, resolve_dtype
+from launch.serve import READY_LINE
+from protocol.fingerprint import tokenizer_fingerprint
+from protocol.messages import Hello
+from protocol.sampling import SamplingParams
+
+KEY_ENV = "SPECEXEC_HMAC_KEY"
+
+
+class VerifierStartError(RuntimeError):
+    """The verifier process could not be started; the message carries its last words."""
+
+
+class RemotePipeline:
+    """Drafts here, verifies at `address`; the draft model stays loaded between prompts."""
+
+    def __init__(self, address: str, draft_path: str | None, tokenizer_path: str, dtype: str = "auto",
+                 key: bytes | None = None, curve_dir: str | None = None, timeout_s: float = 60.0):
+        self.address, self.key, self.curve_dir, self.timeout_s = address, key, curve_dir, timeout_s
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.draft = None
+        if draft_path is not None:
+            self.draft = DraftModel(load_causal_lm(draft_path, resolve_dtype(dtype, draft_path)))
+        probe = self._link(Hello(uuid.uuid4().hex, self.fingerprint, SamplingParams(), "specexec"))
+        try:
+            self.welcome = probe.open()
+        finally:
+            probe.close()
+        if self.draft is not None and self.draft.vocab_size != self.welcome.vocab_size:
+            raise ValueError(f"draft vocabulary ({self.draft.vocab_size}) differs from the target's "
+                             f"({self.welcome.vocab_size}): not a usable pair")
+        self.stop_ids = frozenset(self.welcome.stop_ids)
+
+    def _link(self, hello: Hello) -> RemoteVerifier:
+        return RemoteVerifier(self.address, hello, self.key, self.curve_dir, self.timeout_s)
+
+    def encode(self, text: str, chat: bool | None) -> list[int]:
+        return encode_prompt(self.tokenizer, text, chat, self.welcome.chat_template)
+
+    def generate(self, prompt_ids: list[int], options: RunOptions,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        session_id = uuid.uuid4().hex
+        link = self._link(Hello(session_id, self.fingerprint, options.sampling, options.tree.rule))
+        try:
+            link.open()
+            search = None
+            if options.tree.method != "autoregressive":
+                if self.draft is None:
+                    raise ValueError(f"method {options.tree.method} needs a draft model")
+                search = TreeSearch(self.draft, options.tree, options.sampling)
+            drafter = DraftSession(link, options.tree, search, options.max_new_tokens,
+                                   overlap=options.overlap, session_id=session_id)
+            return drafter.generate(prompt_ids, on_tokens)
+        finally:
+            link.close()
+
+
+class LocalVerifier:
+    """`specexec serve` as a child process on a private ipc socket with a one-time HMAC key."""
+
+    def __init__(self, target_path: str, dtype: str = "auto", threads: int | None = None,
+                 extra_args: tuple[str, ...] = (), startup_timeout_s: float = 600.0):
+        self.dir = tempfile.mkdtemp(prefix="specexec-")
+        os.chmod(self.dir, 0o700)
+        self.key = secrets.token_hex(32).encode()
+        self.address = f"ipc://{self.dir}/verifier.sock"
+        cmd = [sys.executable, "-m", "launch.cli", "serve", "--target", target_path, "--bind", self.address,
+               "--dtype", dtype, "--exit-with-parent", *extra_args]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        env = dict(os.environ, **{KEY_ENV: self.key.decode()})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._stderr: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self._wait_ready(startup_timeout_s)
+
+    def _drain_stderr(self):
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+            del self._stderr[:-50]
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        timer = threading.Timer(timeout_s, self.proc.kill)
+        timer.start()
+        try:
+            for line in self.proc.stdout:
+                if line.startswith(READY_LINE):
+                    return
+        finally:
+            timer.cancel()
+        self.proc.wait()
+        tail = "".join(self._stderr[-8:]).strip()
+        self.close()
+        raise VerifierStartError(f"the verifier process exited (code {self.proc.returncode}) before listening:\n{tail}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

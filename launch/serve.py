@@ -1,0 +1,94 @@
+"""The verifier process: load the target, host sessions on a ROUTER socket until interrupted."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import torch
+
+from launch.pipeline import load_causal_lm, load_tokenizer, resolve_dtype, stop_ids
+from protocol.codec import Limits
+from protocol.fingerprint import tokenizer_fingerprint
+from verifier.server import ServerConfig, VerifierServer, VerifierService
+from verifier.target_model import TargetModel
+
+READY_LINE = "specexec verifier listening on"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    target_path: str
+    bind: str = "tcp://127.0.0.1:5555"
+    dtype: str = "auto"
+    key: bytes | None = None
+    curve_dir: str | None = None
+    insecure: bool = False
+    threads: int | None = None
+    max_sessions: int = 16
+    max_cached_tokens: int = 1 << 18
+    idle_timeout_s: float = 600.0
+    max_tree_nodes: int = 4096
+    exit_with_parent: bool = False
+
+
+def is_loopback(address: str) -> bool:
+    """True for ipc/inproc addresses and tcp on a loopback host."""
+    scheme = address.split("://", 1)[0]
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = urlsplit(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or '*': reachable from elsewhere
+
+
+def check_exposure(options: ServeOptions) -> None:
+    """A verifier reachable from the network must authenticate its peers."""
+    if is_loopback(options.bind) or options.key or options.insecure:
+        return
+    raise ValueError(f"refusing to bind {options.bind} without a key: anyone who can reach it could use the "
+                     "target and read what it generates. Pass --key-file (and --curve-dir to encrypt), or "
+                     "--insecure if this network is trusted")
+
+
+def build_service(options: ServeOptions) -> VerifierService:
+    tokenizer = load_tokenizer(options.target_path)
+    model = load_causal_lm(options.target_path, resolve_dtype(options.dtype, options.target_path))
+    target = TargetModel(model)
+    config = ServerConfig(bind=options.bind, key=options.key, curve_dir=options.curve_dir,
+                          limits=Limits(max_tree_nodes=options.max_tree_nodes),
+                          max_sessions=options.max_sessions, max_cached_tokens=options.max_cached_tokens,
+                          idle_timeout_s=options.idle_timeout_s,
+                          max_context=int(getattr(model.config, "max_position_embeddings", 32768)))
+    return VerifierService(target, tokenizer_fingerprint(tokenizer), stop_ids(tokenizer, model), config,
+                           model_name=str(getattr(model.config, "name_or_path", options.target_path)),
+                           chat_template=getattr(tokenizer, "chat_template", None) or "")
+
+
+def serve(options: ServeOptions) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    check_exposure(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    service = build_service(options)
+    server = VerifierServer(service)
+    parent = os.getppid()
+    print(f"{READY_LINE} {server.address}", flush=True)
+    logging.getLogger("specexec.verifier").info(
+        "target %s, %d threads, HMAC %s, CURVE %s", service.model_name, torch.get_num_threads(),
+        "on" if options.key else "off", "on" if options.curve_dir else "off")
+    try:
+        server.serve(should_stop=(lambda: os.getppid() != parent) if options.exit_with_parent else (lambda: False))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()

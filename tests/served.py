@@ -1,0 +1,89 @@
+"""A verifier server in a background thread, and helpers to talk to it, for tests."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import zmq
+
+from drafter.draft_model import DraftModel
+from drafter.remote import RemoteVerifier
+from drafter.session import DraftSession
+from drafter.tree_search import TreeConfig, TreeSearch
+from protocol.codec import Limits
+from protocol.framing import Signer, from_frames, to_frames
+from protocol.messages import Hello
+from protocol.sampling import SamplingParams
+from verifier.server import ServerConfig, VerifierServer, VerifierService
+from verifier.target_model import TargetModel
+
+FINGERPRINT = "tiny-fingerprint"
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+class ServedVerifier:
+    def __init__(self, model, key=KEY, bind="tcp://127.0.0.1:*", curve_dir=None, **config):
+        cfg = ServerConfig(bind=bind, key=key, curve_dir=curve_dir, **config)
+        self.service = VerifierService(TargetModel(model), FINGERPRINT, frozenset(), cfg)
+        self.server = VerifierServer(self.service, zmq.Context())
+        self.address = self.server.address
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self.server.serve,
+                                       kwargs=dict(poll_ms=20, should_stop=self._stop.is_set), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(10)
+        self.server.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RawClient:
+    """A DEALER that sends whatever frames a test wants and decodes the replies."""
+
+    def __init__(self, address, key=KEY):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.signer = Signer(key)
+
+    def send_frames(self, frames):
+        self.sock.send_multipart(frames)
+
+    def send(self, msg):
+        self.send_frames(to_frames(self.signer, msg))
+
+    def recv(self, timeout_ms=10000):
+        assert self.sock.poll(timeout_ms), "no reply from the server"
+        return from_frames(Signer(self.signer.key), self.sock.recv_multipart(), Limits(max_bytes=1 << 30))
+
+    def ask(self, msg):
+        self.send(msg)
+        return self.recv()
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def remote_run(address, draft, prompt, n, method="specexec", budget=16, params=SamplingParams(), overlap=False,
+               key=KEY, timeout_s=20.0, **tree_kw):
+    """Generate through a RemoteVerifier, as `specexec generate --connect` does."""
+    config = TreeConfig(method=method, budget=0 if method == "autoregressive" else budget, **tree_kw)
+    session = uuid.uuid4().hex
+    link = RemoteVerifier(address, Hello(session, FINGERPRINT, params, config.rule), key, timeout_s=timeout_s)
+    try:
+        link.open()
+        search = None if method == "autoregressive" else TreeSearch(
+            draft if isinstance(draft, DraftModel) else DraftModel(draft), config, params)
+        return DraftSession(link, config, search, n, overlap=overlap, session_id=session).generate(list(prompt))
+    finally:
+        link.close()

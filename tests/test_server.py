@@ -1,0 +1,168 @@
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from protocol.codec import encode
+from protocol.framing import TAG
+from protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
+from protocol.sampling import SamplingParams
+from protocol.tree import DraftTree
+from served import FINGERPRINT, RawClient, ServedVerifier, remote_run
+from tiny_models import greedy_reference, perturbed, tiny_lm
+
+PROMPT = [3, 14, 15, 9, 2, 6]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_lm("qwen2")
+
+
+@pytest.fixture
+def served(model):
+    with ServedVerifier(model, max_sessions=4, idle_timeout_s=60) as s:
+        yield s
+
+
+@pytest.fixture
+def client(served):
+    c = RawClient(served.address)
+    yield c
+    c.close()
+
+
+def hello(session="s1", rule="specexec"):
+    return Hello(session, FINGERPRINT, SamplingParams(), rule)
+
+
+def verify(session="s1", round_=0, append=PROMPT, tokens=(5, 6), parents=(-1, 0), max_emit=4):
+    return VerifyRequest(session, round_, list(append), DraftTree.build(list(tokens), list(parents)), max_emit)
+
+
+def test_handshake_and_a_round(client, model):
+    welcome = client.ask(hello())
+    assert isinstance(welcome, Welcome) and welcome.vocab_size == 96 and welcome.max_tree_nodes > 0
+    verdict = client.ask(verify())
+    assert isinstance(verdict, Verdict) and verdict.round == 0
+    assert verdict.bonus == greedy_reference(model, PROMPT + [5, 6][:len(verdict.accepted)], 1)[0]
+
+
+def test_a_resent_round_is_answered_again_not_applied_twice(client):
+    client.ask(hello())
+    first = client.ask(verify())
+    again = client.ask(verify())
+    assert (again.round, again.accepted, again.bonus) == (first.round, first.accepted, first.bonus)
+    stale = client.ask(verify(round_=0, append=[1]))
+    assert (stale.round, stale.accepted) == (first.round, first.accepted)  # same round number: the cached reply
+    nxt = client.ask(verify(round_=1, append=[first.bonus], tokens=(), parents=()))
+    assert isinstance(nxt, Verdict) and nxt.round == 1
+
+
+@pytest.mark.parametrize("case, code, text", [
+    ("garbage", "bad_message", "undecodable message"),
+    ("two_frames", "bad_message", "expected 3 frames"),
+    ("bad_tag", "bad_version", "unknown frame tag"),
+    ("wrong_version", "bad_version", "protocol version 7 is not supported"),
+    ("wrong_key", "bad_signature", "HMAC signature does not match"),
+    ("unsigned", "bad_signature", "not signed"),
+    ("not_topological", "bad_tree", "node 1: parent 1 is not an earlier node"),
+    ("out_of_range", "bad_tree", "node 0: token id 96 out of range"),
+    ("append_out_of_range", "bad_tree", "append holds token id -5"),
+    ("duplicate_siblings", "bad_tree", "duplicates a sibling"),
+    ("oversized", "too_large", "exceeds the limit"),
+    ("too_many_nodes", "bad_message", "exceed the limit of 4096"),
+    ("unknown_session", "unknown_session", "no state for this session"),
+    ("fingerprint", "fingerprint_mismatch", "tokenizer differs"),
+    ("wrong_direction", "bad_message", "does not accept Welcome"),
+])
+def test_bad_input_gets_a_named_error_and_the_server_keeps_serving(client, served, case, code, text):
+    client.ask(hello())
+    signer = client.signer
+    if case == "garbage":
+        client.send_frames([TAG, signer.sign(b"\xc1junk"), b"\xc1junk"])
+    elif case == "two_frames":
+        client.send_frames([TAG, b"x"])
+    elif case == "bad_tag":
+        client.send_frames([b"SPX/0"] + [signer.sign(encode(Close("s1"))), encode(Close("s1"))])
+    elif case == "wrong_version":
+        body = msgpack.unpackb(encode(Close("s1")), raw=False)
+        body["v"] = 7
+        payload = msgpack.packb(body, use_bin_type=True)
+        client.send_frames([TAG, signer.sign(payload), payload])
+    elif case == "wrong_key":
+        payload = encode(verify())
+        import hmac, hashlib
+        client.send_frames([TAG, hmac.new(b"x" * 32, payload, hashlib.sha256).digest(), payload])
+    elif case == "unsigned":
+        client.send_frames([TAG, b"", encode(verify())])
+    elif case == "not_topological":
+        client.send(verify(tokens=(5, 6), parents=(-1, 1)))
+    elif case == "out_of_range":
+        client.send(verify(tokens=(96,), parents=(-1,)))
+    elif case == "append_out_of_range":
+        client.send(verify(append=[1, -5]))
+    elif case == "duplicate_siblings":
+        client.send(verify(tokens=(5, 5), parents=(-1, -1)))
+    elif case == "oversized":
+        payload = encode(verify(append=[1] * (3 << 20)))  # 12 MB of tokens, above the 8 MB message limit
+        client.send_frames([TAG, signer.sign(payload), payload])
+    elif case == "too_many_nodes":
+        client.send(verify(tokens=range(5000), parents=[-1] * 5000))
+    elif case == "unknown_session":
+        client.send(verify(session="nobody"))
+    elif case == "fingerprint":
+        client.send(Hello("s2", "other-vocabulary", SamplingParams(), "specexec"))
+    elif case == "wrong_direction":
+        client.send(Welcome("s1", 1, 1, 1, 1))
+    reply = client.recv()
+    assert isinstance(reply, ErrorReply) and reply.code == code and text in reply.message, reply
+    assert served.service.stats.errors.get(code, 0) >= 1
+    # the same connection and session still work
+    assert isinstance(client.ask(verify()), Verdict)
+
+
+def test_session_cap_and_idle_eviction(model):
+    clock = [0.0]
+    with ServedVerifier(model, max_sessions=2, idle_timeout_s=30) as served:
+        served.service.clock = lambda: clock[0]
+        c = RawClient(served.address)
+        assert isinstance(c.ask(hello("a")), Welcome)
+        assert isinstance(c.ask(hello("b")), Welcome)
+        full = c.ask(hello("c"))
+        assert isinstance(full, ErrorReply) and full.code == "over_capacity"
+        clock[0] = 31.0  # a and b idle past the timeout: a new session gets in
+        assert isinstance(c.ask(hello("c")), Welcome)
+        assert set(served.service.sessions) == {"c"}
+        c.close()
+
+
+def test_cached_token_cap_evicts_least_recently_used(model):
+    with ServedVerifier(model, max_cached_tokens=18) as served:
+        c = RawClient(served.address)
+        c.ask(hello("a"))
+        c.ask(verify("a", append=PROMPT))
+        c.ask(hello("b"))
+        c.ask(verify("b", append=PROMPT * 2))  # 12 + 2 nodes on top of a's 6-8 tokens: "a" must go
+        assert set(served.service.sessions) == {"b"}
+        lost = c.ask(verify("a", round_=1, append=[1]))
+        assert isinstance(lost, ErrorReply) and lost.code == "unknown_session"
+        c.close()
+
+
+def test_remote_generation_equals_target_greedy(served, model):
+    draft = perturbed(model, 0.05)
+    ref = greedy_reference(model, PROMPT, 30)
+    for overlap in (False, True):
+        out = remote_run(served.address, draft, PROMPT, 30, budget=16, overlap=overlap)
+        assert out.token_ids == ref and out.error is None
+        assert out.stats.summary()["bytes_sent"] > 0
+    assert not served.service.sessions  # closed sessions free their caches
+
+
+def test_close_frees_the_session(client, served):
+    client.ask(hello("gone"))
+    assert "gone" in served.service.sessions
+    client.ask(Close("gone"))
+    assert "gone" not in served.service.sessions
