@@ -76,7 +76,10 @@ class RemoteVerifier:
         """Send the handshake and wait for the verifier's limits."""
         self._awaiting = self.hello
         self._send(self.hello)
-        reply = self._wait(lambda m: isinstance(m, (Welcome, ErrorReply)) and m.session in ("", self.hello.session))
+        # Replies to anything sent before this Hello arrive first (one connection, in order) and
+        # are dropped here; a Hello's own error carries no round.
+        reply = self._wait(lambda m: (isinstance(m, Welcome) and m.session == self.hello.session)
+                           or (isinstance(m, ErrorReply) and m.round == -1 and m.session in ("", self.hello.session)))
         if isinstance(reply, ErrorReply):
             raise VerifierRejected(reply.code, reply.message)
         self.welcome, self._awaiting = reply, None

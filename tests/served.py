@@ -26,7 +26,8 @@ class ServedVerifier:
     def __init__(self, model, key=KEY, bind="tcp://127.0.0.1:*", curve_dir=None, **config):
         cfg = ServerConfig(bind=bind, key=key, curve_dir=curve_dir, **config)
         self.service = VerifierService(TargetModel(model), FINGERPRINT, frozenset(), cfg)
-        self.server = VerifierServer(self.service, zmq.Context())
+        self.ctx = zmq.Context()
+        self.server = VerifierServer(self.service, self.ctx)
         self.address = self.server.address
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self.server.serve,
@@ -37,6 +38,7 @@ class ServedVerifier:
         self._stop.set()
         self.thread.join(10)
         self.server.close()
+        self.ctx.term()  # returns once the socket is really closed and its port free
 
     def __enter__(self):
         return self

@@ -88,3 +88,67 @@ def test_models_list_shows_the_cache(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["models", "list"])
     assert res.exit_code == 0
     assert "qwen2.5-coder-0.5b-instruct" in res.output and "not fetched" in res.output
+
+
+def _json(res):
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_self_started_verifier_and_in_process_agree(tiny_pair):
+    paths, target = tiny_pair
+    args = ["w10 w11 w12", "--raw", "--json", "--budget", "6", "--max-new-tokens", "16", "--dtype", "float32"]
+    in_process = _json(generate(paths, *args, "--in-process"))
+    two_process = _json(generate(paths, *args))
+    no_overlap = _json(generate(paths, *args, "--no-overlap"))
+    assert in_process["token_ids"] == two_process["token_ids"] == no_overlap["token_ids"]
+    assert two_process["stats"]["bytes_sent"] > 0 and "bytes_sent" not in in_process["stats"]
+
+
+@pytest.fixture
+def served_cli(tiny_pair, tmp_path):
+    """`specexec serve` in its own process on a free loopback port, with a key file."""
+    import subprocess
+    import sys
+    from launch.serve import READY_LINE
+    from test_remote import free_port
+    paths, _ = tiny_pair
+    key = tmp_path / "hmac.key"
+    key.write_text("k" * 64)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--target", paths["target"], "--bind",
+                             address, "--key-file", str(key), "--dtype", "float32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith(READY_LINE), line
+    yield address, key
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_connect_to_a_served_verifier(tiny_pair, served_cli, tmp_path):
+    paths, _ = tiny_pair
+    address, key = served_cli
+    args = ["w10 w11 w12", "--raw", "--json", "--budget", "6", "--max-new-tokens", "16", "--dtype", "float32"]
+    local = _json(generate(paths, *args, "--in-process"))
+    remote = _json(generate(paths, *args, "--connect", address, "--key-file", str(key)))
+    assert remote["token_ids"] == local["token_ids"]
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("w" * 64)
+    res = generate(paths, *args, "--connect", address, "--key-file", str(wrong), "--timeout", "3")
+    assert res.exit_code == 1 and "bad_signature" in res.output and "token_ids" not in res.output
+
+
+def test_serve_refuses_an_open_bind_without_a_key(tiny_pair):
+    paths, _ = tiny_pair
+    res = CliRunner().invoke(main, ["serve", "--target", paths["target"], "--bind", "tcp://0.0.0.0:5999"])
+    assert res.exit_code == 1 and "refusing to bind tcp://0.0.0.0:5999 without a key" in res.output
+
+
+def test_keys_generate(tmp_path):
+    res = CliRunner().invoke(main, ["keys", "generate", str(tmp_path / "k")])
+    assert res.exit_code == 0
+    for name in ("server.key", "server.key_secret", "client.key", "client.key_secret", "authorized/client.key",
+                 "hmac.key"):
+        assert (tmp_path / "k" / name).is_file()
+    assert oct((tmp_path / "k" / "server.key_secret").stat().st_mode)[-3:] == "600"
