@@ -130,7 +130,7 @@ class RemoteVerifier:
     def _send(self, msg) -> None:
         t = time.perf_counter()
         frames = to_frames(self.signer, msg)
-        self.sock.send_multipart(frames, copy=False)
+        self.sock.send_multipart(frames)
         self.stats.codec_s += time.perf_counter() - t
         self.stats.bytes_sent += sum(len(f) for f in frames)
 

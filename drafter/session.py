@@ -12,6 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from drafter import budget_tuner
 from drafter.tree_search import TreeConfig, TreeSearch
 from protocol.link import LinkError, UnknownSession, VerifierLink
 from protocol.messages import VerifyRequest
@@ -49,12 +50,15 @@ class GenerationStats:
         return self.new_tokens / self.wall_s if self.wall_s else 0.0
 
     @property
-    def decode_tokens_per_s(self) -> float:
+    def decode_tokens_per_s(self) -> float | None:
         """Tokens/s after the first round (which carries the prompt's prefill): the SpecExec
-        reference code's convention, which times and counts only the rounds after it."""
+        reference code's convention, which times and counts only the rounds after it.
+        None when rounds were not recorded (a peer method timed from outside)."""
         later = self.rounds[1:]
         seconds = sum(r.draft_s + r.verify_s for r in later)
-        return sum(r.emitted for r in later) / seconds if seconds else 0.0
+        if not seconds:
+            return None
+        return sum(r.emitted for r in later) / seconds
 
     def summary(self) -> dict:
         """The `stats` object of `generate --json` (the first nine keys are the documented ones)."""
@@ -64,7 +68,7 @@ class GenerationStats:
             "target_forwards": self.target_forwards, "gen_rate": round(self.gen_rate, 4),
             "tokens_per_s": round(self.tokens_per_s, 4), "wall_s": round(self.wall_s, 4),
             "draft_s": round(self.draft_s, 4), "verify_s": round(self.verify_s, 4),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 4),
+            "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 4),
             "first_round_s": round(self.rounds[0].draft_s + self.rounds[0].verify_s, 4) if self.rounds else 0.0,
             "mean_tree_size": round(sum(r.tree_size for r in self.rounds) / n, 2),
             "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
@@ -86,6 +90,34 @@ class GenerationResult:
 
 
 @dataclass
+class AutoBudget:
+    """`--budget auto`: warm up with a large budget, then keep the budget the tuner picks."""
+
+    target_curve: dict[int, float]
+    draft_curve: dict[int, float]
+    warmup_budget: int = 64
+    warmup_rounds: int = 3
+    report: Callable[[str], None] | None = None
+    rounds: list = field(default_factory=list)
+    chosen: budget_tuner.BudgetEstimate | None = None
+
+    def observe(self, sent, accepted: list[int]) -> int | None:
+        """Record a warm-up round; returns the chosen budget once the warm-up is over."""
+        if self.chosen is not None or sent is None:
+            return None
+        self.rounds.append(budget_tuner.WarmupRound(tuple(sent.ranks[i] for i in accepted), tuple(sent.ranks),
+                                                    tuple(int(d) for d in sent.tree.depths())))
+        if len(self.rounds) < self.warmup_rounds:
+            return None
+        candidates = [b for b in budget_tuner.CANDIDATES if b <= self.warmup_budget]
+        estimates = budget_tuner.estimate(self.rounds, self.target_curve, self.draft_curve, candidates)
+        self.chosen = budget_tuner.choose(estimates)
+        if self.report:
+            self.report(budget_tuner.explain(estimates, self.chosen))
+        return self.chosen.budget
+
+
+@dataclass
 class _Progress:
     """The loop's state: what is committed, what is new, what the verifier has not seen."""
 
@@ -99,7 +131,8 @@ class DraftSession:
     """Generates one continuation against a verifier, drafting with `search` (None: no draft)."""
 
     def __init__(self, link: VerifierLink, config: TreeConfig, search: TreeSearch | None,
-                 max_new_tokens: int, overlap: bool = False, session_id: str | None = None):
+                 max_new_tokens: int, overlap: bool = False, session_id: str | None = None,
+                 auto_budget: AutoBudget | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if search is None and config.method != "autoregressive":
@@ -107,6 +140,7 @@ class DraftSession:
         self.link, self.config, self.search = link, config, search
         self.max_new_tokens, self.overlap = max_new_tokens, overlap
         self.session_id = session_id or uuid.uuid4().hex
+        self.auto = auto_budget if search is not None else None
 
     def generate(self, prompt_ids: list[int], on_tokens: Callable[[list[int]], None] | None = None
                  ) -> GenerationResult:
@@ -121,6 +155,8 @@ class DraftSession:
         error = None
         try:
             if self.search:
+                if self.auto:
+                    self.search.set_budget(self.auto.warmup_budget)
                 self.search.start(state.committed)
                 stats.draft_s += time.perf_counter() - start
             while len(state.new) < self.max_new_tokens and not state.finished:
@@ -129,6 +165,8 @@ class DraftSession:
             error = str(err)
         stats.new_tokens, stats.target_forwards = len(state.new), len(stats.rounds)
         stats.wall_s = time.perf_counter() - start
+        if self.auto and self.auto.chosen:
+            stats.budget = self.auto.chosen.budget
         stats.link = {k: round(v - link_before.get(k, 0), 6) for k, v in self._link_counters().items()}
         return GenerationResult(list(prompt_ids), state.new, state.finished, stats, error)
 
@@ -152,6 +190,8 @@ class DraftSession:
         if on_tokens:
             on_tokens(tokens)
         t = time.perf_counter()
+        if self.auto and (budget := self.auto.observe(sent, verdict.accepted)):
+            self.search.set_budget(budget)
         if self.search and not state.finished and len(state.new) < self.max_new_tokens:
             self.search.reroot(sent, verdict.accepted, verdict.bonus)
         draft_s += grow_s + time.perf_counter() - t

@@ -25,7 +25,7 @@ sampling order so the kept siblings are always the first ones sampled. A chain i
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -68,10 +68,12 @@ class TreeConfig:
 
 @dataclass
 class RoundTree:
-    """What one round sends, plus which search node each wire index stands for."""
+    """What one round sends, plus which search node each wire index stands for and its score
+    rank (0 = best): the budget-B tree is exactly the nodes ranked below B."""
 
     tree: DraftTree
     nodes: list[int]
+    ranks: list[int]
 
 
 class TreeSearch:
@@ -83,6 +85,7 @@ class TreeSearch:
         self.draft_temperature = params.temperature if params.temperature > 0 else 1.0
         self.rng = torch.Generator().manual_seed(params.seed)
         self.reused = 0  # nodes carried into a round by reroot, for the overlap hit statistic
+        self._clear(0)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -114,6 +117,12 @@ class TreeSearch:
         return nid
 
     # -- growth -------------------------------------------------------------------------------
+
+    def set_budget(self, budget: int) -> None:
+        """Change the budget for the next rounds (`--budget auto` after its warm-up)."""
+        self.config = replace(self.config, budget=budget)
+        self.top = heapq.nlargest(budget, (self.score[n] for n in self.selected))
+        heapq.heapify(self.top)
 
     def grow(self) -> None:
         """Expand until the top-`budget` tree is certain."""
@@ -194,13 +203,15 @@ class TreeSearch:
     def tree(self) -> RoundTree:
         """The `budget` best selected nodes, parents first, in wire form."""
         best = sorted(self.selected, key=lambda n: (-self.score[n], n))[: self.config.budget]
+        rank = {n: r for r, n in enumerate(best)}
         nodes = sorted(best)
+        ranks = [rank[n] for n in nodes]
         index = {n: i for i, n in enumerate(nodes)}
         index[0] = ROOT
         tokens = [self.token[n] for n in nodes]
         parents = [index[self.parent[n]] for n in nodes]
         if not self.sampled:
-            return RoundTree(DraftTree.build(tokens, parents), nodes)
+            return RoundTree(DraftTree.build(tokens, parents), nodes, ranks)
         width = self.config.q_support
         q_ids = np.zeros((len(nodes) + 1, width), dtype=np.int32)
         q_probs = np.zeros((len(nodes) + 1, width), dtype=np.float32)
@@ -208,7 +219,7 @@ class TreeSearch:
             if n in self.q:
                 ids, probs = self.q[n]
                 q_ids[row, : len(ids)], q_probs[row, : len(ids)] = ids, probs
-        return RoundTree(DraftTree.build(tokens, parents, q_ids, q_probs), nodes)
+        return RoundTree(DraftTree.build(tokens, parents, q_ids, q_probs), nodes, ranks)
 
     # -- the next round -----------------------------------------------------------------------
 

@@ -22,15 +22,15 @@ BASELINE = "autoregressive"
 @dataclass(frozen=True)
 class BenchSpec:
     methods: tuple[str, ...] = ("specexec", BASELINE)
-    budgets: tuple[int, ...] = (16, 32, 64)
+    budgets: tuple = (16, 32, 64)  # ints and/or "auto"
     temperatures: tuple[float, ...] = (0.0,)
     top_p: float = 0.9
     max_new_tokens: int = 64
     seed: int = 0
     warmup: bool = True
 
-    def configs(self) -> list[tuple[str, int]]:
-        """(method, budget) pairs; methods without a tree run once with budget 0."""
+    def configs(self) -> list[tuple[str, int | str]]:
+        """(method, budget) pairs; methods without a tree run once with budget 0; budget may be 'auto'."""
         out = []
         for method in self.methods:
             if method in (BASELINE, "hf-assisted"):
@@ -105,7 +105,7 @@ def summarize(records: Iterable[Record]) -> list[dict]:
             "set": set_name, "method": method, "budget": budget, "temp": temp,
             "gen_rate": new / rounds if rounds else 0.0,
             "tok/s": new / wall if wall else 0.0,
-            "decode tok/s": statistics.fmean(x["decode_tokens_per_s"] for x in s),
+            "decode tok/s": _mean_or_none(x["decode_tokens_per_s"] for x in s),
             "draft s/rnd": sum(x["draft_s"] for x in s) / rounds,
             "verify s/rnd": sum(x["verify_s"] for x in s) / rounds,
             "tree size": statistics.fmean(x["mean_tree_size"] for x in s),
@@ -116,15 +116,21 @@ def summarize(records: Iterable[Record]) -> list[dict]:
     for r in rows:
         b = base.get((r["set"], r["temp"]))
         r["speedup"] = r["tok/s"] / b["tok/s"] if b and b["tok/s"] else float("nan")
-        r["decode speedup"] = r["decode tok/s"] / b["decode tok/s"] if b and b["decode tok/s"] else float("nan")
+        r["decode speedup"] = (r["decode tok/s"] / b["decode tok/s"] if b and b["decode tok/s"]
+                               and r["decode tok/s"] is not None else None)
     order = {m: i for i, m in enumerate(["specexec", "specinfer", "chain", "hf-assisted", BASELINE])}
-    rows.sort(key=lambda r: (r["set"], r["temp"], order.get(r["method"], 9), r["budget"]))
+    rows.sort(key=lambda r: (r["set"], r["temp"], order.get(r["method"], 9), str(r["budget"]).zfill(6)))
     return rows
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def format_table(rows: list[dict]) -> str:
     def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
     table = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     lines = [" | ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table]

@@ -22,6 +22,26 @@ def _fail(message: str):
     raise click.ClickException(message)
 
 
+class BudgetType(click.ParamType):
+    """A positive tree budget, or `auto` (the tuner picks it after a warm-up)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and value >= 1:
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a positive budget", param, ctx)
+        return number
+
+
+BUDGET = BudgetType()
+
+
 def _options(opts):
     def wrap(fn):
         for opt in reversed(opts):
@@ -40,8 +60,8 @@ model_options = _options([
 
 tree_options = _options([
     click.option("--method", type=click.Choice(METHODS), default="specexec", show_default=True),
-    click.option("--budget", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
-                 help="Draft tree size (nodes sent per round)."),
+    click.option("--budget", type=BUDGET, default=DEFAULT_BUDGET, show_default=True,
+                 help="Draft tree size (nodes sent per round), or auto: measure and pick the fastest."),
     click.option("--max-n-beams", type=click.IntRange(min=1), default=TreeConfig.max_n_beams, show_default=True,
                  help="Tree nodes expanded per draft forward."),
     click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True,
@@ -77,9 +97,10 @@ link_options = _options([
 def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                       branch_width, max_depth, overlap=False):
     from launch.pipeline import RunOptions
-    tree = TreeConfig(method=method, budget=0 if method == "autoregressive" else budget,
+    auto = budget == "auto"
+    tree = TreeConfig(method=method, budget=0 if method == "autoregressive" else DEFAULT_BUDGET if auto else budget,
                       max_n_beams=max_n_beams, branch_width=branch_width, max_depth=max_depth)
-    return RunOptions(tree, SamplingParams(temperature, top_p, seed), max_new_tokens, overlap)
+    return RunOptions(tree, SamplingParams(temperature, top_p, seed), max_new_tokens, overlap, auto)
 
 
 def _read_key(key_file):
@@ -95,7 +116,7 @@ def _read_key(key_file):
 
 @contextlib.contextmanager
 def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, overlap=True, key_file=None,
-                  curve_dir=None, timeout_s=60.0, threads=None):
+                  curve_dir=None, timeout_s=60.0, threads=None, budget_auto=False, simulate_bus_gbps=None):
     """The pipeline `generate`, `chat` and `bench` run on: in-process, a verifier at --connect, or
     (default) a verifier process started here over ipc and stopped afterwards."""
     import torch
@@ -109,14 +130,16 @@ def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, 
     try:
         draft_path = model_store.resolve(draft, model_store.DRAFT) if needs_draft else None
         if in_process:
-            yield LocalPipeline(model_store.resolve(target, model_store.TARGET), draft_path, dtype)
+            yield LocalPipeline(model_store.resolve(target, model_store.TARGET), draft_path, dtype, simulate_bus_gbps)
             return
         if connect:
             tokenizer_path = draft_path or model_store.resolve(draft, model_store.DRAFT)
             yield RemotePipeline(connect, draft_path, tokenizer_path, dtype, _read_key(key_file), curve_dir, timeout_s)
             return
         target_path = model_store.resolve(target, model_store.TARGET)
-        with LocalVerifier(target_path, dtype, threads) as verifier:
+        extra = (("--budget", "auto") if budget_auto else ()) + (
+            ("--simulate-bus-gbps", str(simulate_bus_gbps)) if simulate_bus_gbps else ())
+        with LocalVerifier(target_path, dtype, threads, extra) as verifier:
             yield RemotePipeline(verifier.address, draft_path, draft_path or target_path, dtype, verifier.key,
                                  None, timeout_s)
     except (model_store.ModelStoreError, ValueError, LinkError, VerifierStartError) as err:
@@ -144,7 +167,7 @@ def generate(prompt, draft, target, dtype, method, budget, max_n_beams, branch_w
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads) as pipe:
+                       timeout_s, threads, options.budget_auto) as pipe:
         try:
             prompt_ids = pipe.encode(prompt, chat)
         except ValueError as err:
@@ -213,7 +236,7 @@ def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_de
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads) as pipe:
+                       timeout_s, threads, options.budget_auto) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
         history: list[dict] = []
         while True:
@@ -261,15 +284,20 @@ def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_de
               help="KV cache budget over all sessions; least recently used sessions are evicted.")
 @click.option("--idle-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds after which an idle session's cache is freed.")
+@click.option("--budget", type=click.Choice(["auto"]), default=None,
+              help="auto: profile the forward cost at start-up so drafters can use --budget auto.")
+@click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="After each forward, wait as long as moving the weights over a bus of this speed takes.")
 @click.option("--exit-with-parent", is_flag=True, hidden=True)
 def serve(target, bind, dtype, key_file, curve_dir, insecure, threads, max_sessions, max_cached_tokens,
-          idle_timeout, exit_with_parent):
+          idle_timeout, budget, simulate_bus_gbps, exit_with_parent):
     """Host the target model for drafters on the network (or on this machine)."""
     from launch.serve import ServeOptions, serve as run_server
     try:
         target_path = model_store.resolve(target, model_store.TARGET)
         options = ServeOptions(target_path, bind, dtype, _read_key(key_file), curve_dir, insecure, threads,
-                               max_sessions, max_cached_tokens, idle_timeout, exit_with_parent=exit_with_parent)
+                               max_sessions, max_cached_tokens, idle_timeout, exit_with_parent=exit_with_parent,
+                               profile=budget == "auto", simulate_bus_gbps=simulate_bus_gbps)
         run_server(options)
     except (model_store.ModelStoreError, ValueError) as err:
         _fail(str(err))
@@ -288,14 +316,31 @@ def _csv(kind):
     return parse
 
 
+def _budgets(ctx, param, value):
+    out = []
+    for v in value.split(","):
+        v = v.strip()
+        if v:
+            try:
+                out.append(BUDGET.convert(v, param, ctx))
+            except click.BadParameter:
+                raise click.BadParameter(f"budgets are positive integers or 'auto', got {v!r}")
+    return tuple(out)
+
+
+BENCH_METHODS = METHODS + ("hf-assisted",)
+
+
 @main.command()
 @model_options
 @click.option("--prompts", "prompt_sets", default="oasst", show_default=True,
               help="Comma-separated prompt sets: oasst, c4, wikitext, humaneval, or JSON/JSONL files.")
 @click.option("--n-prompts", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--methods", default="specexec,autoregressive", show_default=True, callback=_csv(str))
-@click.option("--budgets", default="16,32,64", show_default=True, callback=_csv(int))
+@click.option("--methods", default="specexec,autoregressive", show_default=True, callback=_csv(str),
+              help=f"Any of {', '.join(BENCH_METHODS)}.")
+@click.option("--budgets", default="16,32,64", show_default=True, callback=_budgets,
+              help="Tree budgets, e.g. 16,32,auto.")
 @click.option("--temperatures", default="0", show_default=True, callback=_csv(float))
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True,
               help="Applied at temperatures above 0.")
@@ -303,23 +348,28 @@ def _csv(kind):
 @click.option("--max-n-beams", type=click.IntRange(min=1), default=TreeConfig.max_n_beams, show_default=True)
 @click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True)
 @click.option("--max-depth", type=click.IntRange(min=1), default=TreeConfig.max_depth, show_default=True)
+@click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Add, after each target forward, the time moving the target's weights over this bus takes.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write one JSON record per prompt and run (JSONL).")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a PNG: gen_rate and tokens/s against budget.")
 @link_options
 def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
-          max_n_beams, branch_width, max_depth, out, connect, in_process, overlap, key_file, curve_dir, timeout_s,
-          threads):
+          max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, connect, in_process, overlap, key_file,
+          curve_dir, timeout_s, threads):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from launch import bench as benchmod
     from launch import prompts as promptmod
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in BENCH_METHODS]
     if bad:
-        raise click.BadParameter(f"unknown method {bad[0]!r}; expected any of {', '.join(METHODS)}",
+        raise click.BadParameter(f"unknown method {bad[0]!r}; expected any of {', '.join(BENCH_METHODS)}",
                                  param_hint="--methods")
-    if any(b < 1 for b in budgets):
-        raise click.BadParameter("budgets must be at least 1", param_hint="--budgets")
     if any(t < 0 for t in temperatures):
         raise click.BadParameter("temperatures must be >= 0", param_hint="--temperatures")
+    if simulate_bus_gbps and connect:
+        raise click.BadParameter("--simulate-bus-gbps applies to a verifier started here; pass it to "
+                                 "`specexec serve` instead", param_hint="--simulate-bus-gbps")
     sets = {}
     for name in prompt_sets.split(","):
         try:
@@ -328,22 +378,50 @@ def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods,
             raise click.BadParameter(str(err), param_hint="--prompts")
     spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed)
     any_draft = "specexec" if any(m != "autoregressive" for m in methods) else "autoregressive"
+    simulated = f" (simulated bus {simulate_bus_gbps:g} GB/s)" if simulate_bus_gbps else ""
     with open_pipeline(draft, target, any_draft, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads) as pipe:
+                       timeout_s, threads, "auto" in budgets, simulate_bus_gbps) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
         ids = {name: [p.render(pipe.tokenizer, chat_template=template) for p in ps] for name, ps in sets.items()}
         pids = {name: [p.id for p in ps] for name, ps in sets.items()}
+        hf = _hf_runner(pipe, target, dtype, simulate_bus_gbps) if "hf-assisted" in methods else None
 
         def runner(prompt_ids, method, budget, temperature):
-            options = build_run_options(method, budget, max_new_tokens, temperature,
-                                        top_p if temperature > 0 else 1.0, seed, max_n_beams, branch_width,
-                                        max_depth, overlap)
+            t_p = top_p if temperature > 0 else 1.0
+            if method == "hf-assisted":
+                return hf(prompt_ids, max_new_tokens, SamplingParams(temperature, t_p, seed))
+            options = build_run_options(method, budget, max_new_tokens, temperature, t_p, seed, max_n_beams,
+                                        branch_width, max_depth, overlap)
             return pipe.generate(prompt_ids, options)
 
         with open(out, "w") if out else contextlib.nullcontext() as sink:
             records = benchmod.run_bench(runner, ids, pids, spec,
                                          (lambda r: (sink.write(r.to_json() + "\n"), sink.flush())) if sink else None)
-    click.echo(benchmod.format_table(benchmod.summarize(records)))
+    rows = benchmod.summarize(records)
+    if simulated:
+        click.echo(f"all target timings below are simulated:{simulated}")
+    click.echo(benchmod.format_table(rows))
+    if plot:
+        from launch.bench_plot import plot as draw
+        draw(rows, plot, f"specexec bench{simulated}")
+        click.echo(f"plot: {plot}")
+
+
+def _hf_runner(pipe, target, dtype, simulate_bus_gbps):
+    """transformers' assisted generation on the same models (the target loaded here if it is remote)."""
+    from launch import hf_assisted
+    from launch.pipeline import load_causal_lm, resolve_dtype
+    if simulate_bus_gbps:
+        raise click.BadParameter("hf-assisted cannot be run with --simulate-bus-gbps", param_hint="--methods")
+    target_model = getattr(getattr(pipe, "target", None), "model", None)
+    if target_model is None:
+        path = model_store.resolve(target, model_store.TARGET)
+        target_model = load_causal_lm(path, resolve_dtype(dtype, path))
+
+    def run(prompt_ids, max_new_tokens, sampling):
+        return hf_assisted.generate(target_model, pipe.draft.model, prompt_ids, max_new_tokens, sampling,
+                                    pipe.stop_ids)
+    return run
 
 
 @main.command("bench-wire")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from drafter.draft_model import DraftModel
-from drafter.session import DraftSession, GenerationResult
+from drafter.session import AutoBudget, DraftSession, GenerationResult
 from drafter.tree_search import TreeConfig, TreeSearch
 from launch import model_store
 from launch.packed_linear import pack_linears
@@ -20,6 +21,9 @@ from verifier.target_model import TargetModel
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+AUTO_SIZES = (1, 4, 16, 32, 64, 128, 256)  # forward sizes the budget tuner interpolates between
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Everything one generation needs besides the models and the prompt."""
@@ -28,6 +32,30 @@ class RunOptions:
     sampling: SamplingParams
     max_new_tokens: int = 128
     overlap: bool = False
+    budget_auto: bool = False
+
+
+def report(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def target_curve(target: TargetModel, path: str, placement: str = "cpu", sizes=AUTO_SIZES) -> dict[int, float]:
+    from launch.profile_cache import cached_curve, profile_key
+    from verifier.profile import forward_curve
+    key = profile_key(path, target.dtype, placement, sizes=list(sizes), bus=target.simulate_bus_gbps)
+    return cached_curve("target", key, lambda: forward_curve(target, sizes))
+
+
+def draft_curve(draft: DraftModel, path: str) -> dict[int, float]:
+    from drafter.draft_profile import SIZES, draft_curve as measure
+    from launch.profile_cache import cached_curve, profile_key
+    return cached_curve("draft", profile_key(path, draft.dtype, "cpu", sizes=list(SIZES)), lambda: measure(draft))
+
+
+def auto_budget(options: RunOptions, target_curve_fn, draft_curve_fn) -> AutoBudget | None:
+    if not options.budget_auto or options.tree.method == "autoregressive":
+        return None
+    return AutoBudget(target_curve_fn(), draft_curve_fn(), report=report)
 
 
 def resolve_dtype(name: str, path: str) -> torch.dtype:
@@ -93,10 +121,12 @@ def encode_prompt(tokenizer, text: str, chat: bool | None, chat_template: str | 
 class LocalPipeline:
     """Draft and target in this process; models stay loaded between prompts."""
 
-    def __init__(self, target_path: str, draft_path: str | None, dtype: str = "auto"):
+    def __init__(self, target_path: str, draft_path: str | None, dtype: str = "auto",
+                 simulate_bus_gbps: float | None = None):
+        self.target_path, self.draft_path = target_path, draft_path
         self.tokenizer = load_tokenizer(target_path)
         target = load_causal_lm(target_path, resolve_dtype(dtype, target_path))
-        self.target = TargetModel(target)
+        self.target = TargetModel(target, simulate_bus_gbps)
         self.stop_ids = stop_ids(self.tokenizer, target)
         self.draft = None
         if draft_path is not None:
@@ -117,6 +147,8 @@ class LocalPipeline:
             if self.draft is None:
                 raise ValueError(f"method {options.tree.method} needs a draft model")
             search = TreeSearch(self.draft, options.tree, options.sampling)
+        auto = auto_budget(options, lambda: target_curve(self.target, self.target_path),
+                           lambda: draft_curve(self.draft, self.draft_path))
         drafter = DraftSession(InProcessVerifier(session), options.tree, search,
-                               options.max_new_tokens, overlap=options.overlap)
+                               options.max_new_tokens, overlap=options.overlap, auto_budget=auto)
         return drafter.generate(prompt_ids, on_tokens)

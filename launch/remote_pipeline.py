@@ -17,7 +17,8 @@ from drafter.draft_model import DraftModel
 from drafter.remote import RemoteVerifier
 from drafter.session import DraftSession, GenerationResult
 from drafter.tree_search import TreeSearch
-from launch.pipeline import RunOptions, encode_prompt, load_causal_lm, load_tokenizer, resolve_dtype
+from launch.pipeline import (RunOptions, auto_budget, draft_curve, encode_prompt, load_causal_lm, load_tokenizer,
+                             resolve_dtype)
 from launch.serve import READY_LINE
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.messages import Hello
@@ -36,6 +37,7 @@ class RemotePipeline:
     def __init__(self, address: str, draft_path: str | None, tokenizer_path: str, dtype: str = "auto",
                  key: bytes | None = None, curve_dir: str | None = None, timeout_s: float = 60.0):
         self.address, self.key, self.curve_dir, self.timeout_s = address, key, curve_dir, timeout_s
+        self.draft_path = draft_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.draft = None
@@ -54,6 +56,12 @@ class RemotePipeline:
     def _link(self, hello: Hello) -> RemoteVerifier:
         return RemoteVerifier(self.address, hello, self.key, self.curve_dir, self.timeout_s)
 
+    def _target_curve(self) -> dict[int, float]:
+        if not self.welcome.forward_curve:
+            raise ValueError(f"the verifier at {self.address} has no forward-cost profile for --budget auto: "
+                             "start it with `specexec serve --budget auto`")
+        return dict(self.welcome.forward_curve)
+
     def encode(self, text: str, chat: bool | None) -> list[int]:
         return encode_prompt(self.tokenizer, text, chat, self.welcome.chat_template)
 
@@ -68,8 +76,9 @@ class RemotePipeline:
                 if self.draft is None:
                     raise ValueError(f"method {options.tree.method} needs a draft model")
                 search = TreeSearch(self.draft, options.tree, options.sampling)
+            auto = auto_budget(options, self._target_curve, lambda: draft_curve(self.draft, self.draft_path))
             drafter = DraftSession(link, options.tree, search, options.max_new_tokens,
-                                   overlap=options.overlap, session_id=session_id)
+                                   overlap=options.overlap, session_id=session_id, auto_budget=auto)
             return drafter.generate(prompt_ids, on_tokens)
         finally:
             link.close()

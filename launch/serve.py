@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from launch.pipeline import load_causal_lm, load_tokenizer, resolve_dtype, stop_ids
+from launch.pipeline import load_causal_lm, load_tokenizer, resolve_dtype, stop_ids, target_curve
+from launch.profile_cache import format_curve
 from protocol.codec import Limits
 from protocol.fingerprint import tokenizer_fingerprint
 from verifier.server import ServerConfig, VerifierServer, VerifierService
@@ -34,6 +35,8 @@ class ServeOptions:
     idle_timeout_s: float = 600.0
     max_tree_nodes: int = 4096
     exit_with_parent: bool = False
+    profile: bool = False  # measure the forward-cost curve at start-up (for drafters' --budget auto)
+    simulate_bus_gbps: float | None = None
 
 
 def is_loopback(address: str) -> bool:
@@ -62,15 +65,20 @@ def check_exposure(options: ServeOptions) -> None:
 def build_service(options: ServeOptions) -> VerifierService:
     tokenizer = load_tokenizer(options.target_path)
     model = load_causal_lm(options.target_path, resolve_dtype(options.dtype, options.target_path))
-    target = TargetModel(model)
+    target = TargetModel(model, options.simulate_bus_gbps)
     config = ServerConfig(bind=options.bind, key=options.key, curve_dir=options.curve_dir,
                           limits=Limits(max_tree_nodes=options.max_tree_nodes),
                           max_sessions=options.max_sessions, max_cached_tokens=options.max_cached_tokens,
                           idle_timeout_s=options.idle_timeout_s,
                           max_context=int(getattr(model.config, "max_position_embeddings", 32768)))
-    return VerifierService(target, tokenizer_fingerprint(tokenizer), stop_ids(tokenizer, model), config,
-                           model_name=str(getattr(model.config, "name_or_path", options.target_path)),
-                           chat_template=getattr(tokenizer, "chat_template", None) or "")
+    service = VerifierService(target, tokenizer_fingerprint(tokenizer), stop_ids(tokenizer, model), config,
+                              model_name=str(getattr(model.config, "name_or_path", options.target_path)),
+                              chat_template=getattr(tokenizer, "chat_template", None) or "")
+    if options.profile:
+        service.forward_curve = target_curve(target, options.target_path)
+        print(format_curve(service.forward_curve, "target forward cost"
+                           + (" (simulated bus)" if options.simulate_bus_gbps else "")), file=sys.stderr)
+    return service
 
 
 def serve(options: ServeOptions) -> None:
@@ -84,8 +92,9 @@ def serve(options: ServeOptions) -> None:
     parent = os.getppid()
     print(f"{READY_LINE} {server.address}", flush=True)
     logging.getLogger("specexec.verifier").info(
-        "target %s, %d threads, HMAC %s, CURVE %s", service.model_name, torch.get_num_threads(),
-        "on" if options.key else "off", "on" if options.curve_dir else "off")
+        "target %s, %d threads, HMAC %s, CURVE %s%s", service.model_name, torch.get_num_threads(),
+        "on" if options.key else "off", "on" if options.curve_dir else "off",
+        f", simulated bus {options.simulate_bus_gbps} GB/s" if options.simulate_bus_gbps else "")
     try:
         server.serve(should_stop=(lambda: os.getppid() != parent) if options.exit_with_parent else (lambda: False))
     except KeyboardInterrupt:

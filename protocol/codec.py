@@ -64,7 +64,8 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Welcome):
         body.update(t="welcome", v=msg.version, session=msg.session, vocab_size=msg.vocab_size,
                     max_tree_nodes=msg.max_tree_nodes, max_append=msg.max_append, max_context=msg.max_context,
-                    stop_ids=list(msg.stop_ids), model=msg.model, chat_template=msg.chat_template)
+                    stop_ids=list(msg.stop_ids), model=msg.model, chat_template=msg.chat_template,
+                    forward_curve=[[int(n), float(sec)] for n, sec in msg.forward_curve])
     elif isinstance(msg, Close):
         body.update(t="close", session=msg.session)
     elif isinstance(msg, ErrorReply):
@@ -192,9 +193,14 @@ def _welcome(f: _Fields, limits: Limits) -> Welcome:
     stop = f.get("stop_ids", list)
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in stop):
         raise ProtocolError("bad_message", "welcome.stop_ids: expected a list of ints")
+    curve = f.get("forward_curve", list, [])
+    if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], (int, float))
+               and not isinstance(p[0], bool) and p[0] > 0 and math.isfinite(p[1]) and p[1] >= 0 for p in curve):
+        raise ProtocolError("bad_message", "welcome.forward_curve: expected [tokens, seconds] pairs")
     return Welcome(f.str("session", 128), f.int("vocab_size", 1, 2**31), f.int("max_tree_nodes", 0, 2**31),
                    f.int("max_append", 1, 2**31), f.int("max_context", 1, 2**40), tuple(stop),
-                   f.str("model", 512, ""), f.str("chat_template", 1 << 20, ""))
+                   f.str("model", 512, ""), f.str("chat_template", 1 << 20, ""),
+                   tuple((int(n), float(sec)) for n, sec in curve))
 
 
 def _close(f: _Fields, limits: Limits) -> Close:

@@ -34,6 +34,7 @@ class Welcome:
     stop_ids: tuple[int, ...] = ()
     model: str = ""
     chat_template: str = ""  # the target's, for drafters that only have the draft's tokenizer
+    forward_curve: tuple[tuple[int, float], ...] = ()  # (tokens, seconds) per verification forward
     version: int = PROTOCOL_VERSION
 
 

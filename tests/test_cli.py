@@ -152,3 +152,17 @@ def test_keys_generate(tmp_path):
                  "hmac.key"):
         assert (tmp_path / "k" / name).is_file()
     assert oct((tmp_path / "k" / "server.key_secret").stat().st_mode)[-3:] == "600"
+
+
+def test_budget_auto_explains_its_choice(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECEXEC_HOME", str(tmp_path))
+    paths, _ = tiny_pair
+    res = generate(paths, "w10 w11 w12", "--raw", "--json", "--budget", "auto", "--max-new-tokens", "20",
+                   "--dtype", "float32", "--in-process")
+    assert res.exit_code == 0, res.output
+    assert "budget auto: expected tokens/s per budget" in res.stderr and "<- chosen" in res.stderr
+    chosen = json.loads(res.stdout)["stats"]["budget"]
+    assert chosen in (1, 2, 4, 8, 16, 32, 64)
+    assert list((tmp_path / "profiles").glob("target-*.json")) and list((tmp_path / "profiles").glob("draft-*.json"))
+    res = generate(paths, "w1", "--budget", "zero")
+    assert res.exit_code == 2 and "neither a positive integer nor 'auto'" in res.output

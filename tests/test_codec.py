@@ -39,7 +39,8 @@ messages = st.one_of(
     st.builds(Hello, session, st.text(max_size=64), sampling, st.sampled_from(["specexec", "specinfer"])),
     st.builds(Welcome, session, st.integers(1, 2**31), st.integers(0, 4096), st.integers(1, 2**31),
               st.integers(1, 2**40), st.lists(ids, max_size=4).map(tuple), st.text(max_size=30),
-              st.text(max_size=200)),
+              st.text(max_size=200),
+              st.lists(st.tuples(st.integers(1, 4096), st.floats(0, 100)), max_size=6).map(tuple)),
     st.builds(Close, session),
     st.builds(ErrorReply, st.sampled_from(ERROR_CODES), st.text(max_size=100), session, st.integers(-1, 100)),
 )

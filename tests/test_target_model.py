@@ -65,3 +65,17 @@ def test_head_is_applied_lazily_along_the_first_child_chain():
     assert calls == [5]
     out.logits(1)
     assert calls == [5, 2]  # 1 and its first child 4
+
+
+def test_simulated_bus_time_is_added_once_per_forward():
+    from harness import run
+    from tiny_models import greedy_reference, perturbed
+    model = tiny_lm("qwen2")
+    slept = []
+    target = TargetModel(model, simulate_bus_gbps=2.0, sleep=slept.append)
+    out = run(target, perturbed(model, 0.05), PROMPT, 20, budget=8)
+    assert len(slept) == out.stats.target_forwards == target.forwards
+    expected = target.weight_bytes / 2e9
+    assert target.weight_bytes > sum(p.numel() * 4 for p in model.parameters()) * 0.99
+    assert all(s == pytest.approx(expected) for s in slept)
+    assert out.token_ids == greedy_reference(model, PROMPT, 20)  # only time changes

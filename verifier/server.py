@@ -63,6 +63,7 @@ class VerifierService:
         self.config, self.model_name, self.chat_template = config, model_name, chat_template
         self.sessions: dict[str, _Hosted] = {}
         self.stats = ServerStats()
+        self.forward_curve: dict[int, float] = {}  # set by `serve --budget auto` (verifier.profile)
         self.clock = clock
 
     def handle(self, msg: Message) -> Message:
@@ -94,7 +95,8 @@ class VerifierService:
         self.sessions[msg.session] = _Hosted(TargetSession(self.target, config), self.clock())
         limits = self.config.limits
         return Welcome(msg.session, self.target.vocab_size, limits.max_tree_nodes, limits.max_append,
-                       self.config.max_context, tuple(sorted(self.stop_ids)), self.model_name, self.chat_template)
+                       self.config.max_context, tuple(sorted(self.stop_ids)), self.model_name, self.chat_template,
+                       tuple(sorted(self.forward_curve.items())))
 
     def _verify(self, msg: VerifyRequest) -> Message:
         hosted = self.sessions.get(msg.session)

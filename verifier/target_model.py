@@ -7,6 +7,7 @@ the head over a 256-node tree would be a sixth of the forward's work, almost all
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,10 +47,20 @@ class TreeOutputs:
 
 
 class TargetModel:
-    """A causal LM run over trees; each session owns its KV cache (`new_cache`)."""
+    """A causal LM run over trees; each session owns its KV cache (`new_cache`).
 
-    def __init__(self, model: torch.nn.Module):
+    `simulate_bus_gbps`: after every forward, wait as long as streaming the weights over a bus of
+    that many GB/s would take -- the offloaded regime (weights crossing PCIe each pass) on a
+    machine that holds them in fast memory. Results are unchanged; only time is added.
+    """
+
+    def __init__(self, model: torch.nn.Module, simulate_bus_gbps: float | None = None, sleep=time.sleep):
         self.model = model.eval()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            b.numel() * b.element_size() for b in model.buffers())
+        self.simulate_bus_gbps = simulate_bus_gbps
+        self.simulated_s = 0.0
+        self._sleep = sleep
         self.decoder = getattr(model, model.base_model_prefix)
         self.head = model.get_output_embeddings()
         self.dtype = next(model.parameters()).dtype
@@ -77,7 +88,17 @@ class TargetModel:
             out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache, use_cache=True)
         self.forwards += 1
+        if self.simulate_bus_gbps:
+            delay = self.weight_bytes / (self.simulate_bus_gbps * 1e9)
+            self._sleep(delay)
+            self.simulated_s += delay
         return TreeOutputs(out.last_hidden_state[0], len(append), self.head, tree)
+
+    @staticmethod
+    def truncate(cache: DynamicCache, length: int) -> None:
+        extra = cache_length(cache) - length
+        if extra > 0:
+            cache.crop(-extra)
 
     @staticmethod
     def commit(cache: DynamicCache, tree_len: int, accepted: list[int]) -> None:

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from launch import bench
+from launch.cli import main
+from tiny_models import save_tiny_pair
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("benchpair"))[0]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    prompts = out / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "w10 w11 w12"}\n{"id": "b", "prompt": "w40 w41"}\n')
+    args = ["bench", "--target", tiny_pair["target"], "--draft", tiny_pair["draft"], "--dtype", "float32",
+            "--prompts", str(prompts), "--max-new-tokens", "10", "--methods",
+            "specexec,specinfer,chain,autoregressive,hf-assisted", "--budgets", "2,8", "--temperatures", "0,0.7",
+            "--out", str(out / "r.jsonl"), "--plot", str(out / "r.png"), "--in-process"]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res, out
+
+
+def test_table_has_every_column_and_row(bench_run):
+    res, _ = bench_run
+    header = [line for line in res.stdout.splitlines() if "gen_rate" in line][0]
+    for column in bench.COLUMNS:
+        assert column in header
+    rows = [line for line in res.stdout.splitlines() if " | " in line and "gen_rate" not in line]
+    # 2 temperatures x (3 tree methods x 2 budgets + autoregressive + hf-assisted)
+    assert len(rows) == 2 * (3 * 2 + 2)
+
+
+def test_jsonl_records_and_gen_rate(bench_run):
+    _, out = bench_run
+    records = [json.loads(line) for line in (out / "r.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 2 * (3 * 2 + 2)  # temperatures x prompts x configurations
+    generate_keys = {"method", "budget", "new_tokens", "target_forwards", "gen_rate", "tokens_per_s", "wall_s",
+                     "draft_s", "verify_s"}
+    for r in records:
+        assert {"method", "budget", "temperature", "prompt_id", "stats"} <= set(r)
+        assert generate_keys <= set(r["stats"])
+        s = r["stats"]
+        assert s["gen_rate"] == pytest.approx(s["new_tokens"] / s["target_forwards"], abs=1e-3)
+    hf = [r for r in records if r["method"] == "hf-assisted"]
+    assert hf and all(r["stats"]["target_forwards"] >= 1 for r in hf)
+
+
+def test_plot_is_a_png(bench_run):
+    _, out = bench_run
+    data = (out / "r.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_summary_speedup_is_against_autoregressive_from_the_same_run():
+    def rec(method, budget, new, fwd, wall):
+        stats = {"new_tokens": new, "target_forwards": fwd, "wall_s": wall, "draft_s": 0.0, "verify_s": wall,
+                 "decode_tokens_per_s": new / wall, "mean_tree_size": budget, "mean_tree_depth": 1.0,
+                 "overlap_hit_rate": 0.0}
+        return bench.Record(method, budget, 0.0, "s", "p", stats)
+    rows = bench.summarize([rec("autoregressive", 0, 10, 10, 5.0), rec("specexec", 8, 10, 4, 2.0)])
+    spec = next(r for r in rows if r["method"] == "specexec")
+    assert spec["gen_rate"] == 2.5 and spec["speedup"] == pytest.approx(2.5)
