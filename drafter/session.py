@@ -40,7 +40,7 @@ class GenerationStats:
     verify_s: float = 0.0
     rounds: list[RoundStats] = field(default_factory=list)
     link: dict = field(default_factory=dict)  # bytes and codec time, when the verifier is remote
-
+    verifier_peak_rss_mb: float = 0.0  # as the verifier reports it
     @property
     def gen_rate(self) -> float:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
@@ -73,6 +73,7 @@ class GenerationStats:
             "mean_tree_size": round(sum(r.tree_size for r in self.rounds) / n, 2),
             "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
             "overlap_hit_rate": round(sum(r.reused > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
+            "verifier_peak_rss_mb": self.verifier_peak_rss_mb,
             **self.link,
         }
 
@@ -183,6 +184,7 @@ class DraftSession:
                                 self.max_new_tokens - len(state.new))
         verdict, verify_s, grow_s = self._verify(request, state.committed)
         tokens = verdict.tokens(tree)
+        stats.verifier_peak_rss_mb = max(stats.verifier_peak_rss_mb, float(verdict.extra.get("peak_rss_mb", 0.0)))
         state.committed += tokens
         state.new += tokens
         state.pending = [verdict.bonus]

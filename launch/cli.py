@@ -77,6 +77,35 @@ sampling_options = _options([
     click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True),
 ])
 
+placement_options = _options([
+    click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N|auto",
+                 help="Where the target computes (verifier side)."),
+    click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
+                 help="accelerate max_memory per device, e.g. cuda:0=20GiB,cpu=64GiB; the rest goes to disk."),
+    click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
+                 help="Where weights that fit nowhere are kept (with --max-memory)."),
+    click.option("--offload", type=click.Choice(["none", "stream"]), default="none", show_default=True,
+                 help="stream: decoder layers in pinned CPU memory, prefetched to the device layer by layer."),
+])
+
+
+def make_placement(device, max_memory, offload_folder, offload):
+    from verifier.placement import Placement
+    try:
+        return Placement(device, max_memory, offload_folder, offload)
+    except ValueError as err:
+        raise click.BadParameter(str(err))
+
+
+def placement_args(p) -> tuple[str, ...]:
+    args = ("--device", p.device, "--offload", p.offload)
+    if p.max_memory:
+        args += ("--max-memory", p.max_memory)
+    if p.offload_folder:
+        args += ("--offload-folder", p.offload_folder)
+    return args
+
+
 link_options = _options([
     click.option("--connect", default=None, metavar="ADDRESS",
                  help="Use the verifier at ADDRESS (e.g. tcp://gpu-box:5555) instead of starting one."),
@@ -116,13 +145,19 @@ def _read_key(key_file):
 
 @contextlib.contextmanager
 def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, overlap=True, key_file=None,
-                  curve_dir=None, timeout_s=60.0, threads=None, budget_auto=False, simulate_bus_gbps=None):
+                  curve_dir=None, timeout_s=60.0, threads=None, budget_auto=False, simulate_bus_gbps=None,
+                  placement=None):
     """The pipeline `generate`, `chat` and `bench` run on: in-process, a verifier at --connect, or
     (default) a verifier process started here over ipc and stopped afterwards."""
     import torch
     from launch.pipeline import LocalPipeline
     from launch.remote_pipeline import LocalVerifier, RemotePipeline, VerifierStartError
     from protocol.link import LinkError
+    from verifier.placement import Placement
+    placement = placement or Placement()
+    if connect and placement != Placement():
+        _fail("placement options (--device, --max-memory, --offload...) belong to the verifier: pass them to "
+              "`specexec serve`, not to a drafter using --connect")
     threads = threads or (1 if overlap and not in_process else None)
     if threads:
         torch.set_num_threads(threads)
@@ -130,7 +165,8 @@ def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, 
     try:
         draft_path = model_store.resolve(draft, model_store.DRAFT) if needs_draft else None
         if in_process:
-            yield LocalPipeline(model_store.resolve(target, model_store.TARGET), draft_path, dtype, simulate_bus_gbps)
+            yield LocalPipeline(model_store.resolve(target, model_store.TARGET), draft_path, dtype, simulate_bus_gbps,
+                                placement)
             return
         if connect:
             tokenizer_path = draft_path or model_store.resolve(draft, model_store.DRAFT)
@@ -138,7 +174,7 @@ def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, 
             return
         target_path = model_store.resolve(target, model_store.TARGET)
         extra = (("--budget", "auto") if budget_auto else ()) + (
-            ("--simulate-bus-gbps", str(simulate_bus_gbps)) if simulate_bus_gbps else ())
+            ("--simulate-bus-gbps", str(simulate_bus_gbps)) if simulate_bus_gbps else ()) + placement_args(placement)
         with LocalVerifier(target_path, dtype, threads, extra) as verifier:
             yield RemotePipeline(verifier.address, draft_path, draft_path or target_path, dtype, verifier.key,
                                  None, timeout_s)
@@ -157,17 +193,19 @@ def main():
 @tree_options
 @sampling_options
 @link_options
+@placement_options
 @click.option("--chat/--raw", default=None,
               help="Apply the target's chat template (default: when there is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(prompt, draft, target, dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens,
-             temperature, top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, chat,
-             as_json):
+             temperature, top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device,
+             max_memory, offload_folder, offload, chat, as_json):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
+    placement = make_placement(device, max_memory, offload_folder, offload)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, options.budget_auto) as pipe:
+                       timeout_s, threads, options.budget_auto, placement=placement) as pipe:
         try:
             prompt_ids = pipe.encode(prompt, chat)
         except ValueError as err:
@@ -229,14 +267,17 @@ def format_stats(s: dict) -> str:
 @tree_options
 @sampling_options
 @link_options
+@placement_options
 def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens, temperature,
-         top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads):
+         top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device, max_memory,
+         offload_folder, offload):
     """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
     from launch.pipeline import encode_chat
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
+    placement = make_placement(device, max_memory, offload_folder, offload)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, options.budget_auto) as pipe:
+                       timeout_s, threads, options.budget_auto, placement=placement) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
         history: list[dict] = []
         while True:
@@ -288,16 +329,18 @@ def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_de
               help="auto: profile the forward cost at start-up so drafters can use --budget auto.")
 @click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="After each forward, wait as long as moving the weights over a bus of this speed takes.")
+@placement_options
 @click.option("--exit-with-parent", is_flag=True, hidden=True)
 def serve(target, bind, dtype, key_file, curve_dir, insecure, threads, max_sessions, max_cached_tokens,
-          idle_timeout, budget, simulate_bus_gbps, exit_with_parent):
+          idle_timeout, budget, simulate_bus_gbps, device, max_memory, offload_folder, offload, exit_with_parent):
     """Host the target model for drafters on the network (or on this machine)."""
     from launch.serve import ServeOptions, serve as run_server
     try:
         target_path = model_store.resolve(target, model_store.TARGET)
         options = ServeOptions(target_path, bind, dtype, _read_key(key_file), curve_dir, insecure, threads,
                                max_sessions, max_cached_tokens, idle_timeout, exit_with_parent=exit_with_parent,
-                               profile=budget == "auto", simulate_bus_gbps=simulate_bus_gbps)
+                               profile=budget == "auto", simulate_bus_gbps=simulate_bus_gbps,
+                               placement=make_placement(device, max_memory, offload_folder, offload))
         run_server(options)
     except (model_store.ModelStoreError, ValueError) as err:
         _fail(str(err))
@@ -355,9 +398,10 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write a PNG: gen_rate and tokens/s against budget.")
 @link_options
+@placement_options
 def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
           max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, connect, in_process, overlap, key_file,
-          curve_dir, timeout_s, threads):
+          curve_dir, timeout_s, threads, device, max_memory, offload_folder, offload):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from launch import bench as benchmod
     from launch import prompts as promptmod
@@ -379,8 +423,9 @@ def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods,
     spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed)
     any_draft = "specexec" if any(m != "autoregressive" for m in methods) else "autoregressive"
     simulated = f" (simulated bus {simulate_bus_gbps:g} GB/s)" if simulate_bus_gbps else ""
+    placement = make_placement(device, max_memory, offload_folder, offload)
     with open_pipeline(draft, target, any_draft, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, "auto" in budgets, simulate_bus_gbps) as pipe:
+                       timeout_s, threads, "auto" in budgets, simulate_bus_gbps, placement) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
         ids = {name: [p.render(pipe.tokenizer, chat_template=template) for p in ps] for name, ps in sets.items()}
         pids = {name: [p.id for p in ps] for name, ps in sets.items()}
@@ -445,6 +490,54 @@ def bench_wire(sizes, trials, target, dtype, no_forward):
         for row in rows:
             row.forward_ms = wire_bench.target_forward_ms(model, row.nodes)
     click.echo(wire_bench.format_rows(rows))
+
+
+@main.command()
+@click.option("--target", default=None, metavar="MODEL")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--sizes", default="1,4,16,64,256,1024", show_default=True, callback=_csv(int))
+@click.option("--prefix", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens already in the KV cache when the tree arrives.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None)
+@placement_options
+def profile(target, dtype, sizes, prefix, threads, simulate_bus_gbps, plot, device, max_memory, offload_folder,
+            offload):
+    """The target's forward time against the number of tokens, in the chosen placement."""
+    import torch
+    from launch.pipeline import load_target
+    from launch.profile_cache import format_curve
+    from verifier.placement import peak_rss_mb, report
+    from verifier.profile import forward_curve
+    from verifier.target_model import TargetModel
+    if threads:
+        torch.set_num_threads(threads)
+    placement = make_placement(device, max_memory, offload_folder, offload)
+    try:
+        path = model_store.resolve(target, model_store.TARGET)
+        model = load_target(path, dtype, placement)
+    except (model_store.ModelStoreError, ValueError) as err:
+        _fail(str(err))
+    click.echo(report(model))
+    curve = forward_curve(TargetModel(model, simulate_bus_gbps), sizes, prefix)
+    title = f"target forward cost ({placement.describe()}{', simulated bus' if simulate_bus_gbps else ''})"
+    click.echo(format_curve(curve, title))
+    click.echo(f"peak resident memory: {peak_rss_mb():.0f} MiB")
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(list(curve), [v * 1e3 for v in curve.values()], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens in the forward (1 appended + tree)")
+        ax.set_ylabel("ms per forward")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        click.echo(f"plot: {plot}")
 
 
 @main.group()

@@ -13,6 +13,8 @@ from drafter.session import AutoBudget, DraftSession, GenerationResult
 from drafter.tree_search import TreeConfig, TreeSearch
 from launch import model_store
 from launch.packed_linear import pack_linears
+from verifier.layer_streamer import LayerStreamer
+from verifier.placement import Placement
 from protocol.sampling import SamplingParams
 from verifier.inprocess import InProcessVerifier
 from verifier.session import SessionConfig, TargetSession
@@ -40,6 +42,7 @@ def report(message: str) -> None:
 
 
 def target_curve(target: TargetModel, path: str, placement: str = "cpu", sizes=AUTO_SIZES) -> dict[int, float]:
+    """The target's forward cost per size, measured once per (model, dtype, placement, threads)."""
     from launch.profile_cache import cached_curve, profile_key
     from verifier.profile import forward_curve
     key = profile_key(path, target.dtype, placement, sizes=list(sizes), bus=target.simulate_bus_gbps)
@@ -82,6 +85,16 @@ def load_causal_lm(path: str, dtype: torch.dtype, pack: bool = True, **placement
     return model.eval()
 
 
+def load_target(path: str, dtype: str, placement: Placement) -> torch.nn.Module:
+    """The target, placed: on one device, spread by accelerate (memory caps, disk), or streamed."""
+    kwargs = placement.load_kwargs()
+    on_cpu = not kwargs and placement.offload == "none"
+    model = load_causal_lm(path, resolve_dtype(dtype, path), pack=on_cpu, **kwargs)
+    if placement.offload == "stream":
+        LayerStreamer(model, placement.compute_device)
+    return model
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
     try:
@@ -122,10 +135,10 @@ class LocalPipeline:
     """Draft and target in this process; models stay loaded between prompts."""
 
     def __init__(self, target_path: str, draft_path: str | None, dtype: str = "auto",
-                 simulate_bus_gbps: float | None = None):
-        self.target_path, self.draft_path = target_path, draft_path
+                 simulate_bus_gbps: float | None = None, placement: Placement = Placement()):
+        self.target_path, self.draft_path, self.placement = target_path, draft_path, placement
         self.tokenizer = load_tokenizer(target_path)
-        target = load_causal_lm(target_path, resolve_dtype(dtype, target_path))
+        target = load_target(target_path, dtype, placement)
         self.target = TargetModel(target, simulate_bus_gbps)
         self.stop_ids = stop_ids(self.tokenizer, target)
         self.draft = None
@@ -147,7 +160,7 @@ class LocalPipeline:
             if self.draft is None:
                 raise ValueError(f"method {options.tree.method} needs a draft model")
             search = TreeSearch(self.draft, options.tree, options.sampling)
-        auto = auto_budget(options, lambda: target_curve(self.target, self.target_path),
+        auto = auto_budget(options, lambda: target_curve(self.target, self.target_path, self.placement.describe()),
                            lambda: draft_curve(self.draft, self.draft_path))
         drafter = DraftSession(InProcessVerifier(session), options.tree, search,
                                options.max_new_tokens, overlap=options.overlap, auto_budget=auto)

@@ -11,10 +11,11 @@ from urllib.parse import urlsplit
 
 import torch
 
-from launch.pipeline import load_causal_lm, load_tokenizer, resolve_dtype, stop_ids, target_curve
+from launch.pipeline import load_target, load_tokenizer, stop_ids, target_curve
 from launch.profile_cache import format_curve
 from protocol.codec import Limits
 from protocol.fingerprint import tokenizer_fingerprint
+from verifier.placement import Placement, report as placement_report
 from verifier.server import ServerConfig, VerifierServer, VerifierService
 from verifier.target_model import TargetModel
 
@@ -37,6 +38,7 @@ class ServeOptions:
     exit_with_parent: bool = False
     profile: bool = False  # measure the forward-cost curve at start-up (for drafters' --budget auto)
     simulate_bus_gbps: float | None = None
+    placement: Placement = Placement()
 
 
 def is_loopback(address: str) -> bool:
@@ -64,8 +66,9 @@ def check_exposure(options: ServeOptions) -> None:
 
 def build_service(options: ServeOptions) -> VerifierService:
     tokenizer = load_tokenizer(options.target_path)
-    model = load_causal_lm(options.target_path, resolve_dtype(options.dtype, options.target_path))
+    model = load_target(options.target_path, options.dtype, options.placement)
     target = TargetModel(model, options.simulate_bus_gbps)
+    print(placement_report(model), file=sys.stderr, flush=True)
     config = ServerConfig(bind=options.bind, key=options.key, curve_dir=options.curve_dir,
                           limits=Limits(max_tree_nodes=options.max_tree_nodes),
                           max_sessions=options.max_sessions, max_cached_tokens=options.max_cached_tokens,
@@ -75,7 +78,7 @@ def build_service(options: ServeOptions) -> VerifierService:
                               model_name=str(getattr(model.config, "name_or_path", options.target_path)),
                               chat_template=getattr(tokenizer, "chat_template", None) or "")
     if options.profile:
-        service.forward_curve = target_curve(target, options.target_path)
+        service.forward_curve = target_curve(target, options.target_path, options.placement.describe())
         print(format_curve(service.forward_curve, "target forward cost"
                            + (" (simulated bus)" if options.simulate_bus_gbps else "")), file=sys.stderr)
     return service

@@ -121,7 +121,7 @@ class VerifierService:
         self._make_room(msg.session, len(msg.append) + len(msg.tree))
         verdict = session.verify(msg)
         reply = Verdict(msg.round, verdict.accepted, verdict.bonus, verdict.finished, verdict.verify_s,
-                        msg.session, {"cached_tokens": session.processed})
+                        msg.session, {**verdict.extra, "cached_tokens": session.processed})
         hosted.last_round, hosted.last_reply = msg.round, reply
         return reply
 

@@ -10,6 +10,7 @@ from protocol.kv_prune import cache_length
 from protocol.sampling import SamplingParams
 from protocol.tree import TreeError
 from verifier.acceptance import RULES, walk
+from verifier.placement import peak_rss_mb
 from verifier.target_model import TargetModel
 
 
@@ -63,4 +64,4 @@ class TargetSession:
         self.target.commit(self.cache, len(request.tree), result.accepted)
         self.rounds += 1
         return Verdict(request.round, result.accepted, result.bonus, result.finished,
-                       verify_s=time.perf_counter() - start)
+                       verify_s=time.perf_counter() - start, extra={"peak_rss_mb": round(peak_rss_mb(), 1)})

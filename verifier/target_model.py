@@ -72,7 +72,8 @@ class TargetModel:
 
     @property
     def input_device(self) -> torch.device:
-        return self.decoder.get_input_embeddings().weight.device
+        device = self.decoder.get_input_embeddings().weight.device
+        return torch.device("cpu") if device.type == "meta" else device  # accelerate: offloaded to disk
 
     def forward(self, cache: DynamicCache, append: list[int], tree: DraftTree) -> TreeOutputs:
         """Run `append + tree` on top of `cache`; appended tokens and tree nodes enter the cache."""

@@ -1,0 +1,155 @@
+"""Where the target's weights live: one device, accelerate's offloading, or the layer streamer.
+
+  --device cpu|cuda|cuda:N|auto   where it computes (auto: accelerate spreads it)
+  --max-memory cuda:0=20GiB,cpu=64GiB   accelerate's `max_memory`: what spills goes to the next
+                                  device, and past the last one to --offload-folder on disk
+  --offload stream                decoder layers in (pinned) CPU memory, streamed to the device
+                                  one ahead of the computation (verifier.layer_streamer)
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+
+
+def parse_max_memory(text: str) -> dict:
+    """`cuda:0=20GiB,cpu=64GiB` -> {0: '20GiB', 'cpu': '64GiB'} (accelerate's form); errors name the part."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ValueError(f"--max-memory part {part!r} is not DEVICE=SIZE (e.g. cuda:0=20GiB,cpu=64GiB)")
+        device, size = (s.strip() for s in part.split("=", 1))
+        if not MEMORY.match(size):
+            raise ValueError(f"--max-memory size {size!r} for {device} is not a size like 20GiB or 512MB")
+        if device in ("cpu", "disk", "mps"):
+            key = device
+        elif re.fullmatch(r"(cuda:)?\d+", device):
+            key = int(device.split(":")[-1])
+        elif device == "cuda":
+            key = 0
+        else:
+            raise ValueError(f"--max-memory device {device!r} is not cpu, cuda or cuda:N")
+        number, unit = MEMORY.match(size).groups()
+        out[key] = int(float(number)) if unit.upper() == "B" else size.replace(" ", "")  # accelerate's forms
+    if not out:
+        raise ValueError("--max-memory is empty")
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str = "cpu"
+    max_memory: str | None = None  # the CLI text; parsed by parse_max_memory
+    offload_folder: str | None = None
+    offload: str = "none"  # none | stream
+
+    def __post_init__(self):
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device {self.device!r}: expected cpu, cuda, cuda:N or auto")
+        if self.offload not in ("none", "stream"):
+            raise ValueError(f"--offload {self.offload!r}: expected none or stream")
+        if self.max_memory:
+            parse_max_memory(self.max_memory)
+        if self.offload == "stream" and (self.max_memory or self.device == "auto"):
+            raise ValueError("--offload stream places layers itself: drop --max-memory / --device auto")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is available here")
+
+    @property
+    def compute_device(self) -> str:
+        if self.device == "auto":
+            return "cuda:0" if torch.cuda.is_available() else "cpu"
+        return "cuda:0" if self.device == "cuda" else self.device
+
+    @property
+    def uses_accelerate(self) -> bool:
+        return self.device == "auto" or bool(self.max_memory)
+
+    def load_kwargs(self) -> dict:
+        """Keyword arguments for `from_pretrained` (empty: load on the CPU as usual)."""
+        if self.uses_accelerate:
+            kwargs = {"device_map": "auto"}
+            if self.max_memory:
+                kwargs["max_memory"] = parse_max_memory(self.max_memory)
+            if self.offload_folder:
+                kwargs["offload_folder"] = self.offload_folder
+            return kwargs
+        if self.compute_device != "cpu" and self.offload != "stream":
+            return {"device_map": {"": self.compute_device}}
+        return {}
+
+    def describe(self) -> str:
+        parts = [f"device {self.device}"]
+        if self.max_memory:
+            parts.append(f"max memory {self.max_memory}")
+        if self.offload_folder:
+            parts.append(f"offload folder {self.offload_folder}")
+        if self.offload == "stream":
+            parts.append("layers streamed")
+        return ", ".join(parts)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _label(device) -> str:
+    device = str(device)
+    return f"cuda:{device}" if device.isdigit() else device
+
+
+def _device_of(name: str, device_map: dict) -> str:
+    """Where accelerate put module `name`: its own entry, its closest ancestor's, or its children's."""
+    owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    if owners:
+        return _label(device_map[max(owners, key=len)])
+    children = {_label(d) for k, d in device_map.items() if k.startswith(name + ".")}
+    return "+".join(sorted(children)) or "?"
+
+
+def report(model: torch.nn.Module) -> str:
+    """Layers per device (or disk) and bytes per device, as placed."""
+    device_map = getattr(model, "hf_device_map", None)
+    layers = getattr(getattr(model, model.base_model_prefix), "layers", [])
+    streamer = getattr(model, "_specexec_streamer", None)
+    if streamer is not None:
+        return streamer.describe()
+    if device_map:
+        prefix = model.base_model_prefix
+        per_layer = Counter(_device_of(f"{prefix}.layers.{i}", device_map) for i in range(len(layers)))
+        by_device = Counter()
+        for name, module in model.named_modules():
+            if name in device_map:
+                by_device[_label(device_map[name])] += _bytes(module)
+        layer_text = ", ".join(f"{n} on {d}" for d, n in sorted(per_layer.items()))
+        byte_text = ", ".join(f"{d} {b / 2**30:.2f} GiB" for d, b in sorted(by_device.items()))
+        return f"placement (accelerate): decoder layers {layer_text}; bytes {byte_text}"
+    devices = Counter(str(p.device) for p in model.parameters())
+    device = devices.most_common(1)[0][0] if devices else "cpu"
+    return f"placement: all {len(layers)} decoder layers on {device}; {_bytes(model) / 2**30:.2f} GiB"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> dict:
+    """Current resident memory split as the kernel reports it (anonymous vs file-backed pages)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS", "RssAnon", "RssFile", "VmHWM")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
