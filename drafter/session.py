@@ -19,6 +19,9 @@ from protocol.messages import VerifyRequest
 from protocol.tree import DraftTree
 
 
+RESEND_ATTEMPTS = 5  # re-sends of the committed sequence in one round before giving up
+
+
 @dataclass
 class RoundStats:
     tree_size: int
@@ -213,14 +216,17 @@ class DraftSession:
             grow_s += time.perf_counter() - g
             if not grown:
                 break
-        try:
-            verdict = self.link.collect()
-        except UnknownSession:
-            # The verifier lost our state: re-send the whole committed sequence with the same tree.
-            request = VerifyRequest(request.session, request.round, list(committed), request.tree,
-                                    request.max_emit)
-            self.link.submit(request)
-            verdict = self.link.collect()
+        for attempt in range(RESEND_ATTEMPTS + 1):
+            try:
+                verdict = self.link.collect()
+                break
+            except UnknownSession:
+                # The verifier lost our state (restart, eviction): re-send the whole committed sequence.
+                if attempt == RESEND_ATTEMPTS:
+                    raise LinkError(f"the verifier dropped this session {attempt + 1} times in a row; giving up")
+                request = VerifyRequest(request.session, request.round, list(committed), request.tree,
+                                        request.max_emit)
+                self.link.submit(request)
         return verdict, time.perf_counter() - t - grow_s, grow_s
 
     def _link_counters(self) -> dict:

@@ -118,7 +118,10 @@ class VerifierService:
             session.check(msg)
         except (TreeError, ValueError) as err:
             return self.error("bad_tree", str(err), msg.session, msg.round)
-        self._make_room(msg.session, len(msg.append) + len(msg.tree))
+        incoming = len(msg.append) + len(msg.tree)
+        if not self._make_room(msg.session, incoming):
+            return self.error("over_capacity", f"this request needs {session.processed + incoming} cached tokens; "
+                              f"the verifier's cache budget is {self.config.max_cached_tokens}", msg.session, msg.round)
         verdict = session.verify(msg)
         reply = Verdict(msg.round, verdict.accepted, verdict.bonus, verdict.finished, verdict.verify_s,
                         msg.session, {**verdict.extra, "cached_tokens": session.processed})
@@ -128,16 +131,19 @@ class VerifierService:
     def cached_tokens(self) -> int:
         return sum(cache_length(h.session.cache) for h in self.sessions.values())
 
-    def _make_room(self, keep: str, incoming: int) -> None:
-        """Evict least recently used sessions until the cache budget holds the incoming tokens."""
+    def _make_room(self, keep: str, incoming: int) -> bool:
+        """Evict least recently used sessions holding cache until the budget fits the incoming tokens;
+        False when even evicting every other session would not make room."""
         while self.cached_tokens() + incoming > self.config.max_cached_tokens:
-            others = [(h.last_used, sid) for sid, h in self.sessions.items() if sid != keep]
+            others = [(h.last_used, sid) for sid, h in self.sessions.items()
+                      if sid != keep and cache_length(h.session.cache)]
             if not others:
-                return
+                return False
             _, victim = min(others)
             del self.sessions[victim]
             self.stats.evicted += 1
             log.info("evicted session %s to stay within %d cached tokens", victim, self.config.max_cached_tokens)
+        return True
 
     def evict_idle(self) -> int:
         now = self.clock()

@@ -1,0 +1,93 @@
+"""Load: eight drafters at once against one verifier; caps on sessions and cached tokens."""
+
+import threading
+
+from drafter.draft_model import DraftModel
+from figures import record
+from protocol.messages import ErrorReply, Hello, Welcome
+from protocol.sampling import SamplingParams
+from served import FINGERPRINT, RawClient, ServedVerifier, remote_run
+from tiny_models import perturbed, tiny_lm
+from verifier.placement import peak_rss_mb
+
+N = 32
+
+
+def prompts(k):
+    return [[(7 * i + j) % 90 + 3 for j in range(5 + i)] for i in range(k)]
+
+
+def concurrent(served, draft_module, jobs):
+    results, errors = {}, []
+
+    def work(i, prompt, params):
+        try:
+            results[i] = remote_run(served.address, DraftModel(draft_module), prompt, N, budget=8, params=params,
+                                    overlap=i % 2 == 0, timeout_s=60)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i, p, s)) for i, (p, s) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return results
+
+
+def test_eight_concurrent_sessions_each_equal_their_solo_run():
+    model = tiny_lm("llama", seed=11)
+    draft = perturbed(model, 0.05)
+    jobs = [(p, SamplingParams(temperature=0.0 if i < 4 else 0.8, top_p=0.95, seed=i))
+            for i, p in enumerate(prompts(8))]
+    with ServedVerifier(model, max_sessions=8) as served:
+        solo = {i: remote_run(served.address, DraftModel(draft), p, N, budget=8, params=s).token_ids
+                for i, (p, s) in enumerate(jobs)}
+        together = concurrent(served, draft, jobs)
+        peak = peak_rss_mb()
+        held = len(served.service.sessions)
+    for i in solo:
+        assert together[i].token_ids == solo[i] and together[i].error is None, i
+    assert held == 0
+    record("load", concurrent_sessions=8, outputs_identical_to_solo=True, test_process_peak_rss_mb=round(peak))
+
+
+def test_cached_token_cap_evicts_and_drafters_recover_by_resending():
+    model = tiny_lm("llama", seed=11)
+    draft = perturbed(model, 0.05)
+    jobs = [(p, SamplingParams()) for p in prompts(6)]
+    cap = 120  # far below 6 sessions x (prompt + 32 tokens + tree): sessions get evicted and come back
+    with ServedVerifier(model, max_sessions=8, max_cached_tokens=cap) as served:
+        solo = {i: remote_run(served.address, DraftModel(draft), p, N, budget=8).token_ids
+                for i, (p, _) in enumerate(jobs)}
+        observed = []
+        original = served.service._make_room
+
+        def watched(keep, incoming):
+            room = original(keep, incoming)
+            observed.append(served.service.cached_tokens() + incoming)
+            return room
+
+        served.service._make_room = watched
+        together = concurrent(served, draft, jobs)
+        evicted = served.service.stats.evicted
+        unknown = served.service.stats.errors.get("unknown_session", 0)
+    for i in solo:
+        assert together[i].token_ids == solo[i], (i, together[i].error)
+    assert evicted > 0 and unknown > 0  # evictions happened and were recovered from
+    assert max(observed) <= cap
+    record("load", cached_token_cap=cap, lru_evictions=evicted, recovered_resends=unknown,
+           max_cached_tokens_observed=max(observed), outputs_identical_under_eviction=True)
+
+
+def test_session_cap_is_a_clear_refusal():
+    model = tiny_lm("llama", seed=11)
+    with ServedVerifier(model, max_sessions=3) as served:
+        c = RawClient(served.address)
+        replies = [c.ask(Hello(f"s{i}", FINGERPRINT, SamplingParams(), "specexec")) for i in range(4)]
+        c.close()
+    assert all(isinstance(r, Welcome) for r in replies[:3])
+    assert isinstance(replies[3], ErrorReply) and replies[3].code == "over_capacity"
+    assert "maximum of 3 sessions" in replies[3].message
+    record("load", session_cap=3, over_cap_reply=replies[3].message)
