@@ -77,11 +77,11 @@ class RawClient:
 
 
 def remote_run(address, draft, prompt, n, method="specexec", budget=16, params=SamplingParams(), overlap=False,
-               key=KEY, timeout_s=20.0, **tree_kw):
+               key=KEY, timeout_s=20.0, fingerprint=FINGERPRINT, **tree_kw):
     """Generate through a RemoteVerifier, as `specexec generate --connect` does."""
     config = TreeConfig(method=method, budget=0 if method == "autoregressive" else budget, **tree_kw)
     session = uuid.uuid4().hex
-    link = RemoteVerifier(address, Hello(session, FINGERPRINT, params, config.rule), key, timeout_s=timeout_s)
+    link = RemoteVerifier(address, Hello(session, fingerprint, params, config.rule), key, timeout_s=timeout_s)
     try:
         link.open()
         search = None if method == "autoregressive" else TreeSearch(

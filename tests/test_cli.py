@@ -121,14 +121,15 @@ def served_cli(tiny_pair, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert line.startswith(READY_LINE), line
-    yield address, key
-    proc.terminate()
+    yield address, key, proc
+    if proc.poll() is None:
+        proc.terminate()
     proc.wait(10)
 
 
 def test_connect_to_a_served_verifier(tiny_pair, served_cli, tmp_path):
     paths, _ = tiny_pair
-    address, key = served_cli
+    address, key, _ = served_cli
     args = ["w10 w11 w12", "--raw", "--json", "--budget", "6", "--max-new-tokens", "16", "--dtype", "float32"]
     local = _json(generate(paths, *args, "--in-process"))
     remote = _json(generate(paths, *args, "--connect", address, "--key-file", str(key)))
@@ -166,3 +167,31 @@ def test_budget_auto_explains_its_choice(tiny_pair, tmp_path, monkeypatch):
     assert list((tmp_path / "profiles").glob("target-*.json")) and list((tmp_path / "profiles").glob("draft-*.json"))
     res = generate(paths, "w1", "--budget", "zero")
     assert res.exit_code == 2 and "neither a positive integer nor 'auto'" in res.output
+
+
+def test_chat_keeps_the_models_between_turns(tiny_pair):
+    paths, _ = tiny_pair
+    res = CliRunner().invoke(main, ["chat", "--target", paths["target"], "--draft", paths["draft"], "--dtype",
+                                    "float32", "--max-new-tokens", "5", "--in-process"],
+                             input="w10 w11\nw12\n\n", catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("assistant> ") == 2 and res.stderr.count("tokens in") == 2
+
+
+def test_unreachable_verifier_mid_generation_keeps_the_text(tiny_pair, served_cli):
+    import signal
+    import subprocess
+    import sys
+    import time
+    paths, _ = tiny_pair
+    address, key, server = served_cli
+    cmd = [sys.executable, "-m", "launch.cli", "generate", "w10 w11 w12", "--raw", "--connect", address,
+           "--key-file", str(key), "--draft", paths["draft"], "--dtype", "float32", "--max-new-tokens", "100000",
+           "--budget", "2", "--timeout", "3"]
+    drafter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)  # loads, connects, generates for a while
+    server.send_signal(signal.SIGKILL)
+    out, err = drafter.communicate(timeout=60)
+    assert drafter.returncode == 1
+    assert "no connection to the verifier" in err and "the text above is kept" in err
+    assert len(out.split()) > 5  # the streamed text is there

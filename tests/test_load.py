@@ -91,3 +91,34 @@ def test_session_cap_is_a_clear_refusal():
     assert isinstance(replies[3], ErrorReply) and replies[3].code == "over_capacity"
     assert "maximum of 3 sessions" in replies[3].message
     record("load", session_cap=3, over_cap_reply=replies[3].message)
+
+
+def test_verifier_process_memory_under_eight_sessions(tmp_path):
+    from processes import free_port, start_serve, stop
+    from protocol.fingerprint import tokenizer_fingerprint
+    from served import KEY
+    from tiny_models import save_tiny_pair, tiny_tokenizer
+    paths, model = save_tiny_pair(tmp_path)
+    key = tmp_path / "hmac.key"
+    key.write_bytes(KEY)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_serve(paths["target"], address, str(key), "--max-sessions", "8")
+    draft = perturbed(model, 0.05)
+    fingerprint = tokenizer_fingerprint(tiny_tokenizer())
+    results, threads = {}, []
+    try:
+        alone = remote_run(address, DraftModel(draft), prompts(1)[0], N, budget=8, fingerprint=fingerprint)
+        for i, p in enumerate(prompts(8)):
+            t = threading.Thread(target=lambda i=i, p=p: results.__setitem__(
+                i, remote_run(address, DraftModel(draft), p, N, budget=8, fingerprint=fingerprint, timeout_s=60)))
+            threads.append(t)
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        stop(proc)
+    assert len(results) == 8 and all(r.error is None for r in results.values())
+    peak_alone = alone.stats.verifier_peak_rss_mb
+    peak_loaded = max(r.stats.verifier_peak_rss_mb for r in results.values())
+    assert peak_alone > 0 and peak_loaded < peak_alone + 200
+    record("load", verifier_process_peak_rss_mb={"one_session": peak_alone, "eight_sessions": peak_loaded})
