@@ -49,10 +49,12 @@ class Record:
     prompt_id: str
     stats: dict
     rounds: list = field(default_factory=list)
+    token_ids: list = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps({"method": self.method, "budget": self.budget, "temperature": self.temperature,
-                           "prompt_set": self.prompt_set, "prompt_id": self.prompt_id, "stats": self.stats})
+                           "prompt_set": self.prompt_set, "prompt_id": self.prompt_id, "stats": self.stats,
+                           "token_ids": self.token_ids})
 
 
 # A runner turns (prompt ids, method, budget, temperature) into a GenerationResult-like object with
@@ -77,7 +79,7 @@ def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_id
                     bar.set_postfix_str(f"{set_name}/{pid} {method} {budget} t={temperature}")
                     result = runner(ids, method, budget, temperature)
                     rec = Record(method, budget, temperature, set_name, pid, result.stats.summary(),
-                                 result.stats.rounds_table())
+                                 result.stats.rounds_table(), list(result.token_ids))
                     records.append(rec)
                     if sink:
                         sink(rec)
