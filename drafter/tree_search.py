@@ -45,14 +45,15 @@ class TreeConfig:
     branch_width: int = 16  # children discovered per expanded node
     max_depth: int = 32
     q_support: int = 64  # size of the truncated draft distribution for sampled children
-    max_grown: int = 1024  # cap on expanded nodes kept while growing past the budget
+    overlap_beams: int = 4  # nodes per draft forward while growing past the budget (small: stop soon)
+    overlap_extra: int = 128  # nodes expanded past the budget per round, at most
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.method != "autoregressive" and self.budget < 1:
             raise ValueError(f"budget must be at least 1 for {self.method}, got {self.budget}")
-        for name in ("max_n_beams", "branch_width", "max_depth", "q_support"):
+        for name in ("max_n_beams", "branch_width", "max_depth", "q_support", "overlap_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -134,16 +135,16 @@ class TreeSearch:
 
         Returns False when there is nothing left to grow.
         """
-        if self.draft.n_slots >= self.config.max_grown:
+        if self.draft.n_slots >= self.config.budget + self.config.overlap_extra:
             return False
-        batch = self._pop(certify=False)
+        batch = self._pop(certify=False, limit=self.config.overlap_beams)
         if batch:
             self._expand(batch)
         return bool(batch)
 
-    def _pop(self, certify: bool) -> list[int]:
-        budget, batch = self.config.budget, []
-        while self.candidates and len(batch) < self.config.max_n_beams:
+    def _pop(self, certify: bool, limit: int | None = None) -> list[int]:
+        budget, batch, limit = self.config.budget, [], limit or self.config.max_n_beams
+        while self.candidates and len(batch) < limit:
             neg, nid = self.candidates[0]
             if certify and len(self.top) >= budget and -neg <= self.top[0]:
                 break

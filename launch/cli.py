@@ -110,8 +110,10 @@ link_options = _options([
     click.option("--connect", default=None, metavar="ADDRESS",
                  help="Use the verifier at ADDRESS (e.g. tcp://gpu-box:5555) instead of starting one."),
     click.option("--in-process", is_flag=True, help="Run the target in this process (no verifier process)."),
-    click.option("--overlap/--no-overlap", default=True, show_default=True,
-                 help="Keep drafting while the target verifies."),
+    click.option("--overlap/--no-overlap", default=None,
+                 help="Keep drafting while the target verifies. Default: on when the verifier has hardware of "
+                      "its own (--connect, or a CUDA device); off when both share this CPU, where it measured "
+                      "slower (each side gets half the cores)."),
     click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
                  help="Shared HMAC key for --connect."),
     click.option("--curve-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -121,6 +123,13 @@ link_options = _options([
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="Torch threads per process (default: 1 each with overlap, else all cores)."),
 ])
+
+
+def resolve_overlap(overlap, connect, placement) -> bool:
+    """Unset: overlap when the verifier computes on hardware of its own."""
+    if overlap is not None:
+        return overlap
+    return bool(connect) or (placement is not None and placement.compute_device != "cpu")
 
 
 def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
@@ -158,7 +167,8 @@ def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, 
     if connect and placement != Placement():
         _fail("placement options (--device, --max-memory, --offload...) belong to the verifier: pass them to "
               "`specexec serve`, not to a drafter using --connect")
-    threads = threads or (1 if overlap and not in_process else None)
+    # a verifier started here shares this CPU: with overlap, each process gets one core
+    threads = threads or (1 if overlap and not in_process and not connect else None)
     if threads:
         torch.set_num_threads(threads)
     needs_draft = method != "autoregressive"
@@ -201,9 +211,10 @@ def generate(prompt, draft, target, dtype, method, budget, max_n_beams, branch_w
              temperature, top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device,
              max_memory, offload_folder, offload, chat, as_json):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
+    placement = make_placement(device, max_memory, offload_folder, offload)
+    overlap = resolve_overlap(overlap, connect, placement)
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
-    placement = make_placement(device, max_memory, offload_folder, offload)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
                        timeout_s, threads, options.budget_auto, placement=placement) as pipe:
         try:
@@ -273,9 +284,10 @@ def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_de
          offload_folder, offload):
     """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
     from launch.pipeline import encode_chat
+    placement = make_placement(device, max_memory, offload_folder, offload)
+    overlap = resolve_overlap(overlap, connect, placement)
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
-    placement = make_placement(device, max_memory, offload_folder, offload)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
                        timeout_s, threads, options.budget_auto, placement=placement) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
@@ -424,6 +436,7 @@ def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods,
     any_draft = "specexec" if any(m != "autoregressive" for m in methods) else "autoregressive"
     simulated = f" (simulated bus {simulate_bus_gbps:g} GB/s)" if simulate_bus_gbps else ""
     placement = make_placement(device, max_memory, offload_folder, offload)
+    overlap = resolve_overlap(overlap, connect, placement)
     with open_pipeline(draft, target, any_draft, dtype, connect, in_process, overlap, key_file, curve_dir,
                        timeout_s, threads, "auto" in budgets, simulate_bus_gbps, placement) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)

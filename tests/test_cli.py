@@ -101,7 +101,8 @@ def test_self_started_verifier_and_in_process_agree(tiny_pair):
     in_process = _json(generate(paths, *args, "--in-process"))
     two_process = _json(generate(paths, *args))
     no_overlap = _json(generate(paths, *args, "--no-overlap"))
-    assert in_process["token_ids"] == two_process["token_ids"] == no_overlap["token_ids"]
+    overlap = _json(generate(paths, *args, "--overlap"))
+    assert in_process["token_ids"] == two_process["token_ids"] == no_overlap["token_ids"] == overlap["token_ids"]
     assert two_process["stats"]["bytes_sent"] > 0 and "bytes_sent" not in in_process["stats"]
 
 
