@@ -91,6 +91,7 @@ class GenerationResult:
     finished: bool  # a stop token ended it (False: max_new_tokens did)
     stats: GenerationStats
     error: str | None = None  # why generation stopped early; token_ids holds what was kept
+    context_full: bool = False  # the target's context (max_context) ended it
 
 
 @dataclass
@@ -136,7 +137,7 @@ class DraftSession:
 
     def __init__(self, link: VerifierLink, config: TreeConfig, search: TreeSearch | None,
                  max_new_tokens: int, overlap: bool = False, session_id: str | None = None,
-                 auto_budget: AutoBudget | None = None):
+                 auto_budget: AutoBudget | None = None, max_context: int | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if search is None and config.method != "autoregressive":
@@ -145,6 +146,7 @@ class DraftSession:
         self.max_new_tokens, self.overlap = max_new_tokens, overlap
         self.session_id = session_id or uuid.uuid4().hex
         self.auto = auto_budget if search is not None else None
+        self.max_context = max_context  # committed + tree tokens the target accepts (None: no limit)
 
     def generate(self, prompt_ids: list[int], on_tokens: Callable[[list[int]], None] | None = None
                  ) -> GenerationResult:
@@ -163,7 +165,7 @@ class DraftSession:
                     self.search.set_budget(self.auto.warmup_budget)
                 self.search.start(state.committed)
                 stats.draft_s += time.perf_counter() - start
-            while len(state.new) < self.max_new_tokens and not state.finished:
+            while len(state.new) < self.max_new_tokens and not state.finished and self._room(state) > 0:
                 self._round(state, stats, on_tokens)
         except LinkError as err:
             error = str(err)
@@ -172,12 +174,22 @@ class DraftSession:
         if self.auto and self.auto.chosen:
             stats.budget = self.auto.chosen.budget
         stats.link = {k: round(v - link_before.get(k, 0), 6) for k, v in self._link_counters().items()}
-        return GenerationResult(list(prompt_ids), state.new, state.finished, stats, error)
+        full = (error is None and not state.finished and len(state.new) < self.max_new_tokens
+                and self._room(state) <= 0)
+        return GenerationResult(list(prompt_ids), state.new, state.finished, stats, error, full)
+
+    def _room(self, state: _Progress) -> int:
+        """Tree nodes the target's context still has room for (>= 0 means a round can run)."""
+        if self.max_context is None:
+            return 2**31
+        return self.max_context - len(state.committed)
 
     def _round(self, state: _Progress, stats: GenerationStats, on_tokens) -> None:
         t = time.perf_counter()
         sent = None
         if self.search:
+            if self._room(state) < self.search.config.budget:
+                self.search.set_budget(max(self._room(state), 1))  # the context is nearly full
             self.search.grow()
             sent = self.search.tree()
         tree = sent.tree if sent else DraftTree.empty()

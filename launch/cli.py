@@ -243,6 +243,8 @@ def run_one(pipe, prompt_ids, options, as_json) -> int:
         _report(stream, emitted, len(prompt_ids), None, as_json, "interrupted")
         return 130
     _report(stream, result.token_ids, len(prompt_ids), result.stats.summary(), as_json, result.error)
+    if result.context_full:
+        click.echo(f"[stopped after {len(result.token_ids)} tokens: the target's context is full]", err=True)
     return 1 if result.error else 0
 
 
@@ -318,6 +320,9 @@ def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_de
             history.append({"role": "assistant", "content": stream.text()})
             if result.error:
                 click.echo(f"[stopped: {result.error}]", err=True)
+                break
+            if result.context_full:
+                click.echo("[the target's context is full: start a new chat]", err=True)
                 break
 
 

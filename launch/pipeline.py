@@ -163,5 +163,6 @@ class LocalPipeline:
         auto = auto_budget(options, lambda: target_curve(self.target, self.target_path, self.placement.describe()),
                            lambda: draft_curve(self.draft, self.draft_path))
         drafter = DraftSession(InProcessVerifier(session), options.tree, search,
-                               options.max_new_tokens, overlap=options.overlap, auto_budget=auto)
+                               options.max_new_tokens, overlap=options.overlap, auto_budget=auto,
+                               max_context=self.target.max_context)
         return drafter.generate(prompt_ids, on_tokens)

@@ -78,7 +78,8 @@ class RemotePipeline:
                 search = TreeSearch(self.draft, options.tree, options.sampling)
             auto = auto_budget(options, self._target_curve, lambda: draft_curve(self.draft, self.draft_path))
             drafter = DraftSession(link, options.tree, search, options.max_new_tokens,
-                                   overlap=options.overlap, session_id=session_id, auto_budget=auto)
+                                   overlap=options.overlap, session_id=session_id, auto_budget=auto,
+                                   max_context=self.welcome.max_context)
             return drafter.generate(prompt_ids, on_tokens)
         finally:
             link.close()

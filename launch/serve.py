@@ -73,7 +73,7 @@ def build_service(options: ServeOptions) -> VerifierService:
                           limits=Limits(max_tree_nodes=options.max_tree_nodes),
                           max_sessions=options.max_sessions, max_cached_tokens=options.max_cached_tokens,
                           idle_timeout_s=options.idle_timeout_s,
-                          max_context=int(getattr(model.config, "max_position_embeddings", 32768)))
+                          max_context=min(target.max_context, 2**40))
     service = VerifierService(target, tokenizer_fingerprint(tokenizer), stop_ids(tokenizer, model), config,
                               model_name=str(getattr(model.config, "name_or_path", options.target_path)),
                               chat_template=getattr(tokenizer, "chat_template", None) or "")

@@ -183,16 +183,38 @@ def test_unreachable_verifier_mid_generation_keeps_the_text(tiny_pair, served_cl
     import signal
     import subprocess
     import sys
+    import threading
     import time
     paths, _ = tiny_pair
     address, key, server = served_cli
     cmd = [sys.executable, "-m", "launch.cli", "generate", "w10 w11 w12", "--raw", "--connect", address,
            "--key-file", str(key), "--draft", paths["draft"], "--dtype", "float32", "--max-new-tokens", "100000",
            "--budget", "2", "--timeout", "3"]
-    drafter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(12)  # loads, connects, generates for a while
+    drafter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
+    chunks = []
+    errors = []
+    readers = [threading.Thread(target=lambda: chunks.extend(iter(lambda: drafter.stdout.read(1), "")), daemon=True),
+               threading.Thread(target=lambda: errors.append(drafter.stderr.read()), daemon=True)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 120
+    while len("".join(chunks).split()) <= 5 and time.monotonic() < deadline and drafter.poll() is None:
+        time.sleep(0.05)  # until the drafter has streamed some text (the tiny model's context is 512)
     server.send_signal(signal.SIGKILL)
-    out, err = drafter.communicate(timeout=60)
-    assert drafter.returncode == 1
+    drafter.wait(60)
+    for reader in readers:
+        reader.join(10)
+    err = "".join(errors)
+    assert drafter.returncode == 1, err
     assert "no connection to the verifier" in err and "the text above is kept" in err
-    assert len(out.split()) > 5  # the streamed text is there
+    assert len("".join(chunks).split()) > 5  # the streamed text is there
+
+
+def test_full_context_stops_cleanly(tiny_pair):
+    paths, _ = tiny_pair
+    res = generate(paths, "w10 w11 w12", "--raw", "--json", "--budget", "8", "--max-new-tokens", "100000",
+                   "--dtype", "float32", "--in-process")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert 512 - 8 <= out["prompt_tokens"] + len(out["token_ids"]) <= 512 + 1  # the tiny target's context
+    assert "the target's context is full" in res.stderr

@@ -56,6 +56,21 @@ def test_stop_token_ends_generation(pair):
     assert out.token_ids == ref[: ref.index(stop) + 1] and out.finished
 
 
+@pytest.mark.parametrize("budget", [1, 16, 64])
+def test_full_context_ends_generation_cleanly(pair, budget):
+    """Near the end of the target's context the trees shrink to fit; generation then stops with
+    what it has (no error), equal to the target's own greedy output up to there."""
+    target, draft, model = pair
+    prompt = PROMPTS[0]
+    limit = len(prompt) + 10
+    out = run(target, draft, prompt, N_NEW, budget=budget, max_context=limit)
+    assert out.error is None and out.context_full and not out.finished
+    assert len(prompt) + len(out.token_ids) >= limit
+    assert all(len(prompt) + sum(r.emitted for r in out.stats.rounds[:i]) + r.tree_size <= limit
+               for i, r in enumerate(out.stats.rounds))
+    assert out.token_ids == greedy_reference(model, prompt, N_NEW)[: len(out.token_ids)]
+
+
 @pytest.mark.parametrize("budget", [4, 32])
 def test_seeded_sampling_is_reproducible_and_tree_independent(pair, budget):
     """Keyed randomness: the same seed gives the same tokens for any tree, and for plain decoding."""

@@ -67,6 +67,11 @@ class TargetModel:
         self.vocab_size = int(model.config.vocab_size)
         self.forwards = 0
 
+    @property
+    def max_context(self) -> int:
+        """Committed + tree tokens the model's positions allow."""
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2**31)
+
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
 
