@@ -17,11 +17,12 @@ from protocol.tree import ROOT, additive_mask
 
 
 class DraftModel:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, weights: str | None = None):
         self.model = model.eval()
         self.decoder = getattr(model, model.base_model_prefix)
         self.head = model.get_output_embeddings()
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(model.parameters()).dtype  # of the activations (and the attention mask)
+        self.weights = weights or str(self.dtype).removeprefix("torch.")  # e.g. int8 (drafter.quantize)
         self.vocab_size = int(model.config.vocab_size)
         self.forwards = 0
         self.reset()

@@ -55,7 +55,12 @@ model_options = _options([
                  help="Draft model: Hugging Face id or local directory (default: the default pair's)."),
     click.option("--target", default=None, metavar="MODEL",
                  help="Target model: Hugging Face id or local directory (default: the default pair's)."),
-    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True),
+    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+                 help="auto: bf16 where the device computes it natively, else float32."),
+    click.option("--draft-dtype", type=click.Choice(["auto", "int8", "bfloat16", "float32"]), default="auto",
+                 show_default=True,
+                 help="Draft weights. auto: int8 on a CPU that runs it (the draft only proposes; output is "
+                      "unchanged), else like --dtype."),
 ])
 
 tree_options = _options([
@@ -155,7 +160,7 @@ def _read_key(key_file):
 @contextlib.contextmanager
 def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, overlap=True, key_file=None,
                   curve_dir=None, timeout_s=60.0, threads=None, budget_auto=False, simulate_bus_gbps=None,
-                  placement=None):
+                  placement=None, draft_dtype="auto"):
     """The pipeline `generate`, `chat` and `bench` run on: in-process, a verifier at --connect, or
     (default) a verifier process started here over ipc and stopped afterwards."""
     import torch
@@ -176,18 +181,19 @@ def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, 
         draft_path = model_store.resolve(draft, model_store.DRAFT) if needs_draft else None
         if in_process:
             yield LocalPipeline(model_store.resolve(target, model_store.TARGET), draft_path, dtype, simulate_bus_gbps,
-                                placement)
+                                placement, draft_dtype)
             return
         if connect:
             tokenizer_path = draft_path or model_store.resolve(draft, model_store.DRAFT)
-            yield RemotePipeline(connect, draft_path, tokenizer_path, dtype, _read_key(key_file), curve_dir, timeout_s)
+            yield RemotePipeline(connect, draft_path, tokenizer_path, dtype, _read_key(key_file), curve_dir, timeout_s,
+                                 draft_dtype)
             return
         target_path = model_store.resolve(target, model_store.TARGET)
         extra = (("--budget", "auto") if budget_auto else ()) + (
             ("--simulate-bus-gbps", str(simulate_bus_gbps)) if simulate_bus_gbps else ()) + placement_args(placement)
         with LocalVerifier(target_path, dtype, threads, extra) as verifier:
             yield RemotePipeline(verifier.address, draft_path, draft_path or target_path, dtype, verifier.key,
-                                 None, timeout_s)
+                                 None, timeout_s, draft_dtype)
     except (model_store.ModelStoreError, ValueError, LinkError, VerifierStartError) as err:
         _fail(str(err))
 
@@ -207,7 +213,7 @@ def main():
 @click.option("--chat/--raw", default=None,
               help="Apply the target's chat template (default: when there is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(prompt, draft, target, dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens,
+def generate(prompt, draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens,
              temperature, top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device,
              max_memory, offload_folder, offload, chat, as_json):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
@@ -216,7 +222,7 @@ def generate(prompt, draft, target, dtype, method, budget, max_n_beams, branch_w
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, options.budget_auto, placement=placement) as pipe:
+                       timeout_s, threads, options.budget_auto, placement=placement, draft_dtype=draft_dtype) as pipe:
         try:
             prompt_ids = pipe.encode(prompt, chat)
         except ValueError as err:
@@ -281,7 +287,7 @@ def format_stats(s: dict) -> str:
 @sampling_options
 @link_options
 @placement_options
-def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens, temperature,
+def chat(draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens, temperature,
          top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device, max_memory,
          offload_folder, offload):
     """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
@@ -291,7 +297,7 @@ def chat(draft, target, dtype, method, budget, max_n_beams, branch_width, max_de
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                                 branch_width, max_depth, overlap)
     with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, options.budget_auto, placement=placement) as pipe:
+                       timeout_s, threads, options.budget_auto, placement=placement, draft_dtype=draft_dtype) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
         history: list[dict] = []
         while True:
@@ -416,7 +422,7 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
               help="Write a PNG: gen_rate and tokens/s against budget.")
 @link_options
 @placement_options
-def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
+def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
           max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, connect, in_process, overlap, key_file,
           curve_dir, timeout_s, threads, device, max_memory, offload_folder, offload):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
@@ -443,7 +449,7 @@ def bench(draft, target, dtype, prompt_sets, n_prompts, max_new_tokens, methods,
     placement = make_placement(device, max_memory, offload_folder, offload)
     overlap = resolve_overlap(overlap, connect, placement)
     with open_pipeline(draft, target, any_draft, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, "auto" in budgets, simulate_bus_gbps, placement) as pipe:
+                       timeout_s, threads, "auto" in budgets, simulate_bus_gbps, placement, draft_dtype) as pipe:
         template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
         ids = {name: [p.render(pipe.tokenizer, chat_template=template) for p in ps] for name, ps in sets.items()}
         pids = {name: [p.id for p in ps] for name, ps in sets.items()}

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from drafter.draft_model import DraftModel
+from drafter.quantize import int8_supported, quantize_int8
 from drafter.session import AutoBudget, DraftSession, GenerationResult
 from drafter.tree_search import TreeConfig, TreeSearch
 from launch import model_store
@@ -52,7 +53,7 @@ def target_curve(target: TargetModel, path: str, placement: str = "cpu", sizes=A
 def draft_curve(draft: DraftModel, path: str) -> dict[int, float]:
     from drafter.draft_profile import SIZES, draft_curve as measure
     from launch.profile_cache import cached_curve, profile_key
-    return cached_curve("draft", profile_key(path, draft.dtype, "cpu", sizes=list(SIZES)), lambda: measure(draft))
+    return cached_curve("draft", profile_key(path, draft.weights, "cpu", sizes=list(SIZES)), lambda: measure(draft))
 
 
 def auto_budget(options: RunOptions, target_curve_fn, draft_curve_fn) -> AutoBudget | None:
@@ -61,19 +62,32 @@ def auto_budget(options: RunOptions, target_curve_fn, draft_curve_fn) -> AutoBud
     return AutoBudget(target_curve_fn(), draft_curve_fn(), report=report)
 
 
-def resolve_dtype(name: str, path: str) -> torch.dtype:
-    """`auto`: the checkpoint's own dtype when the CPU computes in it, else float32."""
+def resolve_dtype(name: str, path: str, device: str = "cpu") -> torch.dtype:
+    """`auto`: the checkpoint's bf16 where `device` computes bf16 natively, else float32.
+
+    On a CPU without AVX-512 (e.g. AVX2 only) PyTorch emulates bf16 matrix products at about
+    1 GFLOP/s against 17-116 GFLOP/s in float32, so there `auto` means float32 (twice the memory).
+    """
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
         return DTYPES[name]
     from transformers import AutoConfig
     stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
-    return torch.bfloat16 if stored in (torch.bfloat16, "bfloat16") else torch.float32
+    if stored not in (torch.bfloat16, "bfloat16"):
+        return torch.float32
+    return torch.bfloat16 if computes_bf16(device) else torch.float32
+
+
+def computes_bf16(device: str) -> bool:
+    """Whether `device` runs bf16 matrix products natively (oneDNN's own check on a CPU)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, pack: bool = True, **placement) -> torch.nn.Module:
-    """Load a checkpoint for inference; bf16 CPU linears get pre-packed weights (`packed_linear`)."""
+    """Load a checkpoint for inference; CPU linears get pre-packed weights (`packed_linear`)."""
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
@@ -85,11 +99,37 @@ def load_causal_lm(path: str, dtype: torch.dtype, pack: bool = True, **placement
     return model.eval()
 
 
+DRAFT_DTYPES = ("auto", "int8", "bfloat16", "float32")
+
+
+def resolve_draft_dtype(draft_dtype: str, dtype: str, path: str) -> str:
+    """`auto`: int8 weights where this CPU runs them (the draft only proposes), else like --dtype."""
+    if draft_dtype not in DRAFT_DTYPES:
+        raise ValueError(f"unknown draft dtype {draft_dtype!r}; expected one of {', '.join(DRAFT_DTYPES)}")
+    if draft_dtype == "int8" and not int8_supported():
+        raise ValueError("--draft-dtype int8: this PyTorch build or CPU has no fast int8 linear "
+                         f"(quantized engine {torch.backends.quantized.engine!r}); use float32 or bfloat16")
+    if draft_dtype == "auto":
+        return "int8" if int8_supported() else str(resolve_dtype(dtype, path)).removeprefix("torch.")
+    return draft_dtype
+
+
+def load_draft(path: str, dtype: str = "auto", draft_dtype: str = "auto") -> DraftModel:
+    """The draft model for this CPU: int8 linears, or packed float32/bf16 ones."""
+    chosen = resolve_draft_dtype(draft_dtype, dtype, path)
+    if chosen == "int8":
+        model = load_causal_lm(path, torch.float32, pack=False)
+        quantize_int8(model)
+    else:
+        model = load_causal_lm(path, DTYPES[chosen])
+    return DraftModel(model, weights=chosen)
+
+
 def load_target(path: str, dtype: str, placement: Placement) -> torch.nn.Module:
     """The target, placed: on one device, spread by accelerate (memory caps, disk), or streamed."""
     kwargs = placement.load_kwargs()
     on_cpu = not kwargs and placement.offload == "none"
-    model = load_causal_lm(path, resolve_dtype(dtype, path), pack=on_cpu, **kwargs)
+    model = load_causal_lm(path, resolve_dtype(dtype, path, placement.compute_device), pack=on_cpu, **kwargs)
     if placement.offload == "stream":
         LayerStreamer(model, placement.compute_device)
     return model
@@ -135,7 +175,8 @@ class LocalPipeline:
     """Draft and target in this process; models stay loaded between prompts."""
 
     def __init__(self, target_path: str, draft_path: str | None, dtype: str = "auto",
-                 simulate_bus_gbps: float | None = None, placement: Placement = Placement()):
+                 simulate_bus_gbps: float | None = None, placement: Placement = Placement(),
+                 draft_dtype: str = "auto"):
         self.target_path, self.draft_path, self.placement = target_path, draft_path, placement
         self.tokenizer = load_tokenizer(target_path)
         target = load_target(target_path, dtype, placement)
@@ -143,7 +184,7 @@ class LocalPipeline:
         self.stop_ids = stop_ids(self.tokenizer, target)
         self.draft = None
         if draft_path is not None:
-            self.draft = DraftModel(load_causal_lm(draft_path, resolve_dtype(dtype, draft_path)))
+            self.draft = load_draft(draft_path, dtype, draft_dtype)
             if self.draft.vocab_size != self.target.vocab_size:
                 raise ValueError(f"draft vocabulary ({self.draft.vocab_size}) differs from the "
                                  f"target's ({self.target.vocab_size}): not a usable pair")

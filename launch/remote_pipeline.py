@@ -13,12 +13,10 @@ import threading
 import uuid
 from typing import Callable
 
-from drafter.draft_model import DraftModel
 from drafter.remote import RemoteVerifier
 from drafter.session import DraftSession, GenerationResult
 from drafter.tree_search import TreeSearch
-from launch.pipeline import (RunOptions, auto_budget, draft_curve, encode_prompt, load_causal_lm, load_tokenizer,
-                             resolve_dtype)
+from launch.pipeline import RunOptions, auto_budget, draft_curve, encode_prompt, load_draft, load_tokenizer
 from launch.serve import READY_LINE
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.messages import Hello
@@ -35,14 +33,15 @@ class RemotePipeline:
     """Drafts here, verifies at `address`; the draft model stays loaded between prompts."""
 
     def __init__(self, address: str, draft_path: str | None, tokenizer_path: str, dtype: str = "auto",
-                 key: bytes | None = None, curve_dir: str | None = None, timeout_s: float = 60.0):
+                 key: bytes | None = None, curve_dir: str | None = None, timeout_s: float = 60.0,
+                 draft_dtype: str = "auto"):
         self.address, self.key, self.curve_dir, self.timeout_s = address, key, curve_dir, timeout_s
         self.draft_path = draft_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.draft = None
         if draft_path is not None:
-            self.draft = DraftModel(load_causal_lm(draft_path, resolve_dtype(dtype, draft_path)))
+            self.draft = load_draft(draft_path, dtype, draft_dtype)
         probe = self._link(Hello(uuid.uuid4().hex, self.fingerprint, SamplingParams(), "specexec"))
         try:
             self.welcome = probe.open()
