@@ -28,6 +28,7 @@ class BenchSpec:
     max_new_tokens: int = 64
     seed: int = 0
     warmup: bool = True
+    max_depth: int | None = None  # a chain is at most this long: longer chain budgets repeat it
 
     def configs(self) -> list[tuple[str, int | str]]:
         """(method, budget) pairs; methods without a tree run once with budget 0; budget may be 'auto'."""
@@ -35,6 +36,9 @@ class BenchSpec:
         for method in self.methods:
             if method in (BASELINE, "hf-assisted"):
                 out.append((method, 0))
+            elif method == "chain" and self.max_depth:
+                budgets = [b if b == "auto" else min(b, self.max_depth) for b in self.budgets]
+                out.extend((method, b) for b in dict.fromkeys(budgets))
             else:
                 out.extend((method, b) for b in self.budgets)
         return out

@@ -443,7 +443,8 @@ def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tok
             sets[name] = promptmod.load(name)[:n_prompts]
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--prompts")
-    spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed)
+    spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed,
+                              max_depth=max_depth)
     any_draft = "specexec" if any(m != "autoregressive" for m in methods) else "autoregressive"
     simulated = f" (simulated bus {simulate_bus_gbps:g} GB/s)" if simulate_bus_gbps else ""
     placement = make_placement(device, max_memory, offload_folder, offload)

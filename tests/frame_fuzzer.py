@@ -83,7 +83,8 @@ class FrameFuzzer:
             return self._signed(body)
         if kind == "wrong_signature":
             frames = self._signed(body)
-            return [frames[0], rng.choice([b"", rng.randbytes(32), frames[1][:-1] + b"\x00"]), frames[2]]
+            flipped = frames[1][:-1] + bytes([frames[1][-1] ^ 1])  # always differs from the true signature
+            return [frames[0], rng.choice([b"", rng.randbytes(32), flipped]), frames[2]]
         if kind == "replayed":
             if not self.sent_valid:
                 close = to_frames(self.signer, Close("someone-else"))

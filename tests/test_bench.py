@@ -67,3 +67,11 @@ def test_summary_speedup_is_against_autoregressive_from_the_same_run():
     rows = bench.summarize([rec("autoregressive", 0, 10, 10, 5.0), rec("specexec", 8, 10, 4, 2.0)])
     spec = next(r for r in rows if r["method"] == "specexec")
     assert spec["gen_rate"] == 2.5 and spec["speedup"] == pytest.approx(2.5)
+
+
+def test_chain_budgets_past_the_depth_limit_run_once():
+    spec = bench.BenchSpec(methods=("specexec", "chain", "autoregressive"), budgets=(16, 32, 64, 256, "auto"),
+                           max_depth=32)
+    assert spec.configs() == [("specexec", 16), ("specexec", 32), ("specexec", 64), ("specexec", 256),
+                              ("specexec", "auto"), ("chain", 16), ("chain", 32), ("chain", "auto"),
+                              ("autoregressive", 0)]
