@@ -106,6 +106,11 @@ class AutoBudget:
     rounds: list = field(default_factory=list)
     chosen: budget_tuner.BudgetEstimate | None = None
 
+    @property
+    def budget(self) -> int:
+        """The budget to draft with now: the chosen one, or the warm-up's until the choice."""
+        return self.chosen.budget if self.chosen else self.warmup_budget
+
     def observe(self, sent, accepted: list[int]) -> int | None:
         """Record a warm-up round; returns the chosen budget once the warm-up is over."""
         if self.chosen is not None or sent is None:
@@ -162,7 +167,7 @@ class DraftSession:
         try:
             if self.search:
                 if self.auto:
-                    self.search.set_budget(self.auto.warmup_budget)
+                    self.search.set_budget(self.auto.budget)
                 self.search.start(state.committed)
                 stats.draft_s += time.perf_counter() - start
             while len(state.new) < self.max_new_tokens and not state.finished and self._room(state) > 0:

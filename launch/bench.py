@@ -61,9 +61,10 @@ class Record:
                            "token_ids": self.token_ids})
 
 
-# A runner turns (prompt ids, method, budget, temperature) into a GenerationResult-like object with
-# `.stats.summary()` and `.stats.rounds`; the CLI passes the pipeline's, tests pass their own.
-Runner = Callable[[list[int], str, int, float], object]
+# A runner turns (prompt ids, method, budget, temperature, context) into a GenerationResult-like
+# object with `.stats.summary()` and `.stats.rounds`. The context is the prompt set's name (None in
+# the warm-up): `--budget auto` tunes once per set and keeps that budget for the set's prompts.
+Runner = Callable[[list[int], str, int, float, "str | None"], object]
 
 
 def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_ids: dict[str, list[str]],
@@ -73,7 +74,7 @@ def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_id
     if spec.warmup:
         first = next(iter(prompt_sets.values()))[0]
         for method, budget in configs:  # first forwards of each shape are slow; keep them out
-            runner(first[:32], method, budget, spec.temperatures[0])
+            runner(first[:32], method, budget, spec.temperatures[0], None)
     records = []
     bar = tqdm(total=total, desc="bench", unit="run")
     for temperature in spec.temperatures:
@@ -81,7 +82,7 @@ def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_id
             for pid, ids in zip(prompt_ids[set_name], prompts):
                 for method, budget in configs:
                     bar.set_postfix_str(f"{set_name}/{pid} {method} {budget} t={temperature}")
-                    result = runner(ids, method, budget, temperature)
+                    result = runner(ids, method, budget, temperature, set_name)
                     rec = Record(method, budget, temperature, set_name, pid, result.stats.summary(),
                                  result.stats.rounds_table(), list(result.token_ids))
                     records.append(rec)

@@ -316,7 +316,8 @@ def chat(draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_
             sys.stdout.write("assistant> ")
             try:
                 result = pipe.generate(prompt_ids, options,
-                                       lambda toks: (sys.stdout.write(stream.push(toks)), sys.stdout.flush()))
+                                       lambda toks: (sys.stdout.write(stream.push(toks)), sys.stdout.flush()),
+                                       context="chat")
             except KeyboardInterrupt:
                 sys.stdout.write("\n[interrupted]\n")
                 history.append({"role": "assistant", "content": stream.text()})
@@ -456,13 +457,13 @@ def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tok
         pids = {name: [p.id for p in ps] for name, ps in sets.items()}
         hf = _hf_runner(pipe, target, dtype, simulate_bus_gbps) if "hf-assisted" in methods else None
 
-        def runner(prompt_ids, method, budget, temperature):
+        def runner(prompt_ids, method, budget, temperature, context=None):
             t_p = top_p if temperature > 0 else 1.0
             if method == "hf-assisted":
                 return hf(prompt_ids, max_new_tokens, SamplingParams(temperature, t_p, seed))
             options = build_run_options(method, budget, max_new_tokens, temperature, t_p, seed, max_n_beams,
                                         branch_width, max_depth, overlap)
-            return pipe.generate(prompt_ids, options)
+            return pipe.generate(prompt_ids, options, context=context)
 
         with open(out, "w") if out else contextlib.nullcontext() as sink:
             records = benchmod.run_bench(runner, ids, pids, spec,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -56,10 +56,29 @@ def draft_curve(draft: DraftModel, path: str) -> dict[int, float]:
     return cached_curve("draft", profile_key(path, draft.weights, "cpu", sizes=list(SIZES)), lambda: measure(draft))
 
 
-def auto_budget(options: RunOptions, target_curve_fn, draft_curve_fn) -> AutoBudget | None:
-    if not options.budget_auto or options.tree.method == "autoregressive":
-        return None
-    return AutoBudget(target_curve_fn(), draft_curve_fn(), report=report)
+@dataclass
+class BudgetTuners:
+    """`--budget auto`'s tuners, one per (context, tree config, temperature, top-p).
+
+    A context names a stream of related prompts (a chat, a benchmark's prompt set): its
+    warm-up runs once and later generations keep the budget chosen there. Without a
+    context every generation warms up afresh.
+    """
+
+    target_curve_fn: Callable[[], dict[int, float]]
+    draft_curve_fn: Callable[[], dict[int, float]]
+    by_key: dict = field(default_factory=dict)
+
+    def for_run(self, options: RunOptions, context: str | None = None) -> AutoBudget | None:
+        if not options.budget_auto or options.tree.method == "autoregressive":
+            return None
+        key = (context, options.tree, options.sampling.temperature, options.sampling.top_p)
+        if context is not None and key in self.by_key:
+            return self.by_key[key]
+        tuner = AutoBudget(self.target_curve_fn(), self.draft_curve_fn(), report=report)
+        if context is not None:
+            self.by_key[key] = tuner
+        return tuner
 
 
 def resolve_dtype(name: str, path: str, device: str = "cpu") -> torch.dtype:
@@ -188,12 +207,17 @@ class LocalPipeline:
             if self.draft.vocab_size != self.target.vocab_size:
                 raise ValueError(f"draft vocabulary ({self.draft.vocab_size}) differs from the "
                                  f"target's ({self.target.vocab_size}): not a usable pair")
+        self.tuners = BudgetTuners(
+            lambda: target_curve(self.target, self.target_path, self.placement.describe()),
+            lambda: draft_curve(self.draft, self.draft_path))
 
     def encode(self, text: str, chat: bool | None) -> list[int]:
         return encode_prompt(self.tokenizer, text, chat)
 
     def generate(self, prompt_ids: list[int], options: RunOptions,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+                 on_tokens: Callable[[list[int]], None] | None = None, context: str | None = None
+                 ) -> GenerationResult:
+        """One continuation; `context` lets `--budget auto` keep its choice across related prompts."""
         session = TargetSession(self.target, SessionConfig(options.sampling, options.tree.rule,
                                                            self.stop_ids))
         search = None
@@ -201,8 +225,7 @@ class LocalPipeline:
             if self.draft is None:
                 raise ValueError(f"method {options.tree.method} needs a draft model")
             search = TreeSearch(self.draft, options.tree, options.sampling)
-        auto = auto_budget(options, lambda: target_curve(self.target, self.target_path, self.placement.describe()),
-                           lambda: draft_curve(self.draft, self.draft_path))
+        auto = self.tuners.for_run(options, context)
         drafter = DraftSession(InProcessVerifier(session), options.tree, search,
                                options.max_new_tokens, overlap=options.overlap, auto_budget=auto,
                                max_context=self.target.max_context)

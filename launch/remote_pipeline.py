@@ -16,7 +16,7 @@ from typing import Callable
 from drafter.remote import RemoteVerifier
 from drafter.session import DraftSession, GenerationResult
 from drafter.tree_search import TreeSearch
-from launch.pipeline import RunOptions, auto_budget, draft_curve, encode_prompt, load_draft, load_tokenizer
+from launch.pipeline import BudgetTuners, RunOptions, draft_curve, encode_prompt, load_draft, load_tokenizer
 from launch.serve import READY_LINE
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.messages import Hello
@@ -51,6 +51,7 @@ class RemotePipeline:
             raise ValueError(f"draft vocabulary ({self.draft.vocab_size}) differs from the target's "
                              f"({self.welcome.vocab_size}): not a usable pair")
         self.stop_ids = frozenset(self.welcome.stop_ids)
+        self.tuners = BudgetTuners(self._target_curve, lambda: draft_curve(self.draft, self.draft_path))
 
     def _link(self, hello: Hello) -> RemoteVerifier:
         return RemoteVerifier(self.address, hello, self.key, self.curve_dir, self.timeout_s)
@@ -65,7 +66,9 @@ class RemotePipeline:
         return encode_prompt(self.tokenizer, text, chat, self.welcome.chat_template)
 
     def generate(self, prompt_ids: list[int], options: RunOptions,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+                 on_tokens: Callable[[list[int]], None] | None = None, context: str | None = None
+                 ) -> GenerationResult:
+        """One continuation; `context` lets `--budget auto` keep its choice across related prompts."""
         session_id = uuid.uuid4().hex
         link = self._link(Hello(session_id, self.fingerprint, options.sampling, options.tree.rule))
         try:
@@ -75,7 +78,7 @@ class RemotePipeline:
                 if self.draft is None:
                     raise ValueError(f"method {options.tree.method} needs a draft model")
                 search = TreeSearch(self.draft, options.tree, options.sampling)
-            auto = auto_budget(options, self._target_curve, lambda: draft_curve(self.draft, self.draft_path))
+            auto = self.tuners.for_run(options, context)
             drafter = DraftSession(link, options.tree, search, options.max_new_tokens,
                                    overlap=options.overlap, session_id=session_id, auto_budget=auto,
                                    max_context=self.welcome.max_context)

@@ -12,7 +12,7 @@ from verifier.target_model import TargetModel
 
 
 def run(target, draft, prompt, n, method="specexec", budget=16, params=SamplingParams(),
-        overlap=False, stop_ids=frozenset(), max_context=None, **tree_kw):
+        overlap=False, stop_ids=frozenset(), max_context=None, auto_budget=None, **tree_kw):
     """Generate `n` tokens; `target`/`draft` are TargetModel/DraftModel or raw modules."""
     target = target if isinstance(target, TargetModel) else TargetModel(target)
     config = TreeConfig(method=method, budget=0 if method == "autoregressive" else budget, **tree_kw)
@@ -21,4 +21,5 @@ def run(target, draft, prompt, n, method="specexec", budget=16, params=SamplingP
         draft = draft if isinstance(draft, DraftModel) else DraftModel(draft)
         search = TreeSearch(draft, config, params)
     link = InProcessVerifier(TargetSession(target, SessionConfig(params, config.rule, stop_ids)))
-    return DraftSession(link, config, search, n, overlap=overlap, max_context=max_context).generate(list(prompt))
+    return DraftSession(link, config, search, n, overlap=overlap, max_context=max_context,
+                        auto_budget=auto_budget).generate(list(prompt))

@@ -28,3 +28,20 @@ def test_explicit_dtype_wins_and_unknown_is_refused(bf16_checkpoint):
 def test_float32_checkpoint_stays_float32(tmp_path):
     tiny_lm("llama").save_pretrained(tmp_path)
     assert pipeline.resolve_dtype("auto", str(tmp_path)) == torch.float32
+
+
+def _options(budget_auto=True, temperature=0.0):
+    from drafter.tree_search import TreeConfig
+    from protocol.sampling import SamplingParams
+    return pipeline.RunOptions(TreeConfig("specexec", 64), SamplingParams(temperature, 1.0, 0), 16,
+                               budget_auto=budget_auto)
+
+
+def test_budget_tuners_are_kept_per_context_and_settings():
+    tuners = pipeline.BudgetTuners(lambda: {1: 0.1}, lambda: {1: 0.01})
+    chat = tuners.for_run(_options(), "chat")
+    assert tuners.for_run(_options(), "chat") is chat  # a chat warms up once
+    assert tuners.for_run(_options(), "humaneval") is not chat
+    assert tuners.for_run(_options(temperature=0.6), "chat") is not chat
+    assert tuners.for_run(_options(), None) is not tuners.for_run(_options(), None)  # no context: fresh
+    assert tuners.for_run(_options(budget_auto=False), "chat") is None

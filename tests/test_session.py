@@ -10,6 +10,7 @@ from stats_check import matches
 from tiny_models import ARCHS, greedy_reference, perturbed, tiny_lm
 from verifier.target_model import TargetModel
 from drafter.draft_model import DraftModel
+from drafter.session import AutoBudget
 
 PROMPTS = [[3, 14, 15, 9, 2, 6], [50, 51, 52], [7], [88, 1, 88, 1, 88, 1, 88, 1]]
 N_NEW = 24
@@ -39,6 +40,19 @@ def test_trees_are_accepted_deeply(pair):
     out = run(target, draft, PROMPTS[0], N_NEW, budget=64)
     assert out.stats.gen_rate > 2
     assert max(r.emitted for r in out.stats.rounds) >= 4
+
+
+def test_a_tuner_warms_up_once_and_later_generations_keep_its_budget(pair):
+    target, draft, model = pair
+    flat = {1: 0.1, 1024: 0.1}  # the target costs the same at any size: the tuner's pick is the largest useful
+    tuner = AutoBudget(flat, {1: 0.001, 64: 0.002}, warmup_budget=64, warmup_rounds=2)
+    first = run(target, draft, PROMPTS[0], N_NEW, auto_budget=tuner)
+    assert tuner.chosen is not None and first.stats.budget == tuner.chosen.budget
+    assert first.stats.rounds[0].tree_size > 16  # warm-up rounds at the warm-up budget
+    tuner.chosen = type(tuner.chosen)(4, 1.0, 0.0, 1.0)  # pretend it picked 4, to see it kept
+    second = run(target, draft, PROMPTS[1], N_NEW, auto_budget=tuner)
+    assert second.token_ids == greedy_reference(model, PROMPTS[1], N_NEW)
+    assert second.stats.budget == 4 and max(r.tree_size for r in second.stats.rounds) <= 4
 
 
 def test_autoregressive_is_the_empty_tree(pair):
