@@ -53,6 +53,24 @@ class TwoBoxes:
         except NetnsUnavailable as err:
             self.netem_error = str(err)
 
+    def drop_randomly(self, probability: float) -> None:
+        """Packet loss without netem: each box drops this share of the packets arriving on its
+        veth end (iptables' `statistic` match). Raises NetnsUnavailable where that is missing."""
+        if not shutil.which("iptables"):
+            raise NetnsUnavailable("iptables is not installed")
+        for dev, ns in ((self._veth[0], self.verifier), (self._veth[1], self.drafter)):
+            _ip("iptables", "-A", "INPUT", "-i", dev, "-m", "statistic", "--mode", "random",
+                "--probability", str(probability), "-j", "DROP", ns=ns)
+
+    def dropped_packets(self) -> int:
+        """Packets the drop_randomly rules have discarded so far, both boxes together."""
+        total = 0
+        for ns in (self.verifier, self.drafter):
+            for line in _ip("iptables", "-L", "INPUT", "-v", "-x", "-n", ns=ns).splitlines():
+                if "DROP" in line and "statistic" in line:
+                    total += int(line.split()[0])
+        return total
+
     def popen(self, ns: str, args: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, *args], **kw)
 

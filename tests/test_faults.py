@@ -153,12 +153,18 @@ def test_slow_lossy_network_between_namespaces(pair):
                                prefix=["ip", "netns", "exec", boxes.verifier])
         relay = None
         address = f"tcp://{boxes.verifier_ip}:{port}"
-        how = "netem delay 50ms loss 5%"
+        how, loss_error = "netem delay 50ms loss 5%", None
         if boxes.netem is None:
             relay = boxes.popen(boxes.drafter, [os.path.join(ROOT, "tests", "delay_proxy.py"), "127.0.0.1", "6588",
                                                 boxes.verifier_ip, str(port), "50"], stdout=subprocess.PIPE, text=True)
             assert relay.stdout.readline().strip() == "ready"
-            address, how = "tcp://127.0.0.1:6588", "userspace relay, 50 ms each way; no loss (kernel lacks netem)"
+            address, how = "tcp://127.0.0.1:6588", "userspace relay, 50 ms each way"
+            try:
+                boxes.drop_randomly(0.05)
+                how += "; 5% of packets dropped on arrival at each box (iptables statistic)"
+            except NetnsUnavailable as err:
+                loss_error = f"{boxes.netem_error}; {err}"
+                how += "; no loss (kernel lacks netem, no iptables)"
         cmd = ["-m", "launch.cli", "generate", "w10 w11 w12", "--raw", "--json", "--budget", "6",
                "--max-new-tokens", "24", "--dtype", "float32", "--draft", paths["draft"], "--connect", address,
                "--key-file", key]
@@ -170,10 +176,12 @@ def test_slow_lossy_network_between_namespaces(pair):
         ref = greedy_reference(target, ids, 24)
         ref = ref[: ref.index(2) + 1] if 2 in ref else ref
         assert remote["token_ids"] == ref
-        record("faults", slow_network={"how": how, "identical": True, "wall_s": remote["stats"]["wall_s"]})
-        if boxes.netem is None:
+        dropped = boxes.dropped_packets() if boxes.netem is None and loss_error is None else None
+        record("faults", slow_network={"how": how, "identical": True, "wall_s": remote["stats"]["wall_s"],
+                                       "packets_dropped": dropped})
+        if loss_error:
             import warnings
-            warnings.warn(f"loss not emulated: {boxes.netem_error}")
+            warnings.warn(f"loss not emulated: {loss_error}")
     finally:
         for p in (verifier, relay):
             if p:
