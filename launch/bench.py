@@ -118,6 +118,7 @@ def summarize(records: Iterable[Record]) -> list[dict]:
             "tree size": statistics.fmean(x["mean_tree_size"] for x in s),
             "tree depth": statistics.fmean(x["mean_tree_depth"] for x in s),
             "hit rate": statistics.fmean(x["overlap_hit_rate"] for x in s),
+            "picked": sorted({x["budget"] for x in s}) if budget == "auto" else None,
         })
     base = {(r["set"], r["temp"]): r for r in rows if r["method"] == BASELINE}
     for r in rows:
@@ -138,7 +139,9 @@ def _mean_or_none(values):
 def format_table(rows: list[dict]) -> str:
     def cell(v):
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    table = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
+    def budget_cell(r):  # `--budget auto` shows what it picked
+        return f"auto({','.join(map(str, r['picked']))})" if r.get("picked") else cell(r["budget"])
+    table = [list(COLUMNS)] + [[budget_cell(r) if c == "budget" else cell(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     lines = [" | ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -69,6 +69,16 @@ def test_summary_speedup_is_against_autoregressive_from_the_same_run():
     assert spec["gen_rate"] == 2.5 and spec["speedup"] == pytest.approx(2.5)
 
 
+def test_table_says_what_budget_auto_picked():
+    def rec(pid, picked):
+        stats = {"new_tokens": 8, "target_forwards": 2, "wall_s": 1.0, "draft_s": 0.5, "verify_s": 0.5,
+                 "decode_tokens_per_s": 8.0, "mean_tree_size": picked, "mean_tree_depth": 3.0,
+                 "overlap_hit_rate": 0.0, "budget": picked}
+        return bench.Record("specexec", "auto", 0.0, "s", pid, stats)
+    table = bench.format_table(bench.summarize([rec("a", 32), rec("b", 16)]))
+    assert "auto(16,32)" in table
+
+
 def test_chain_budgets_past_the_depth_limit_run_once():
     spec = bench.BenchSpec(methods=("specexec", "chain", "autoregressive"), budgets=(16, 32, 64, 256, "auto"),
                            max_depth=32)
