@@ -176,8 +176,8 @@ class DraftSession:
             error = str(err)
         stats.new_tokens, stats.target_forwards = len(state.new), len(stats.rounds)
         stats.wall_s = time.perf_counter() - start
-        if self.auto and self.auto.chosen:
-            stats.budget = self.auto.chosen.budget
+        if self.auto:  # the chosen budget, or the warm-up's if the text ended before the choice
+            stats.budget = self.auto.budget
         stats.link = {k: round(v - link_before.get(k, 0), 6) for k, v in self._link_counters().items()}
         full = (error is None and not state.finished and len(state.new) < self.max_new_tokens
                 and self._room(state) <= 0)
