@@ -123,7 +123,7 @@ def summarize(records: Iterable[Record]) -> list[dict]:
     base = {(r["set"], r["temp"]): r for r in rows if r["method"] == BASELINE}
     for r in rows:
         b = base.get((r["set"], r["temp"]))
-        r["speedup"] = r["tok/s"] / b["tok/s"] if b and b["tok/s"] else float("nan")
+        r["speedup"] = r["tok/s"] / b["tok/s"] if b and b["tok/s"] else None  # no baseline in this run
         r["decode speedup"] = (r["decode tok/s"] / b["decode tok/s"] if b and b["decode tok/s"]
                                and r["decode tok/s"] is not None else None)
     order = {m: i for i, m in enumerate(["specexec", "specinfer", "chain", "hf-assisted", BASELINE])}

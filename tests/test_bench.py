@@ -67,6 +67,9 @@ def test_summary_speedup_is_against_autoregressive_from_the_same_run():
     rows = bench.summarize([rec("autoregressive", 0, 10, 10, 5.0), rec("specexec", 8, 10, 4, 2.0)])
     spec = next(r for r in rows if r["method"] == "specexec")
     assert spec["gen_rate"] == 2.5 and spec["speedup"] == pytest.approx(2.5)
+    alone = bench.summarize([rec("specexec", 8, 10, 4, 2.0)])  # no baseline: no ratio, not NaN
+    assert alone[0]["speedup"] is None and alone[0]["decode speedup"] is None
+    assert bench.format_table(alone).splitlines()[-1].rstrip().endswith("- |              -")
 
 
 def test_table_says_what_budget_auto_picked():
