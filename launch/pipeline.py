@@ -16,6 +16,7 @@ from launch import model_store
 from launch.packed_linear import pack_linears
 from verifier.layer_streamer import LayerStreamer
 from verifier.placement import Placement
+from protocol.link import VerifierLink
 from protocol.sampling import SamplingParams
 from verifier.inprocess import InProcessVerifier
 from verifier.session import SessionConfig, TargetSession
@@ -190,6 +191,19 @@ def encode_prompt(tokenizer, text: str, chat: bool | None, chat_template: str | 
     return tokenizer(text)["input_ids"]
 
 
+def draft_session(link: VerifierLink, draft: DraftModel | None, tuners: BudgetTuners, options: RunOptions,
+                  context: str | None, max_context: int | None, session_id: str | None = None) -> DraftSession:
+    """The drafter's loop for one run over `link`: the method's tree search and --budget auto's choice."""
+    search = None
+    if options.tree.method != "autoregressive":
+        if draft is None:
+            raise ValueError(f"method {options.tree.method} needs a draft model")
+        search = TreeSearch(draft, options.tree, options.sampling)
+    return DraftSession(link, options.tree, search, options.max_new_tokens, overlap=options.overlap,
+                        session_id=session_id, auto_budget=tuners.for_run(options, context),
+                        max_context=max_context)
+
+
 class LocalPipeline:
     """Draft and target in this process; models stay loaded between prompts."""
 
@@ -220,13 +234,6 @@ class LocalPipeline:
         """One continuation; `context` lets `--budget auto` keep its choice across related prompts."""
         session = TargetSession(self.target, SessionConfig(options.sampling, options.tree.rule,
                                                            self.stop_ids))
-        search = None
-        if options.tree.method != "autoregressive":
-            if self.draft is None:
-                raise ValueError(f"method {options.tree.method} needs a draft model")
-            search = TreeSearch(self.draft, options.tree, options.sampling)
-        auto = self.tuners.for_run(options, context)
-        drafter = DraftSession(InProcessVerifier(session), options.tree, search,
-                               options.max_new_tokens, overlap=options.overlap, auto_budget=auto,
-                               max_context=self.target.max_context)
+        drafter = draft_session(InProcessVerifier(session), self.draft, self.tuners, options, context,
+                                self.target.max_context)
         return drafter.generate(prompt_ids, on_tokens)

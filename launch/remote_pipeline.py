@@ -14,9 +14,9 @@ import uuid
 from typing import Callable
 
 from drafter.remote import RemoteVerifier
-from drafter.session import DraftSession, GenerationResult
-from drafter.tree_search import TreeSearch
-from launch.pipeline import BudgetTuners, RunOptions, draft_curve, encode_prompt, load_draft, load_tokenizer
+from drafter.session import GenerationResult
+from launch.pipeline import (BudgetTuners, RunOptions, draft_curve, draft_session, encode_prompt, load_draft,
+                             load_tokenizer)
 from launch.serve import READY_LINE
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.messages import Hello
@@ -73,15 +73,8 @@ class RemotePipeline:
         link = self._link(Hello(session_id, self.fingerprint, options.sampling, options.tree.rule))
         try:
             link.open()
-            search = None
-            if options.tree.method != "autoregressive":
-                if self.draft is None:
-                    raise ValueError(f"method {options.tree.method} needs a draft model")
-                search = TreeSearch(self.draft, options.tree, options.sampling)
-            auto = self.tuners.for_run(options, context)
-            drafter = DraftSession(link, options.tree, search, options.max_new_tokens,
-                                   overlap=options.overlap, session_id=session_id, auto_budget=auto,
-                                   max_context=self.welcome.max_context)
+            drafter = draft_session(link, self.draft, self.tuners, options, context,
+                                    self.welcome.max_context, session_id)
             return drafter.generate(prompt_ids, on_tokens)
         finally:
             link.close()
