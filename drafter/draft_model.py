@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
-from protocol.tree import ROOT, additive_mask
+from specexec.protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
+from specexec.protocol.tree import ROOT, additive_mask
 
 
 class DraftModel:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from drafter.draft_model import DraftModel
-from protocol.tree import ROOT
+from specexec.drafter.draft_model import DraftModel
+from specexec.protocol.tree import ROOT
 
 SIZES = (1, 4, 16, 64)
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol.codec import Limits, ProtocolError
-from protocol.framing import Signer, from_frames, to_frames
-from protocol.link import LinkError, UnknownSession
-from protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
-from protocol.security import curve_client, heartbeat
+from specexec.protocol.codec import Limits, ProtocolError
+from specexec.protocol.framing import Signer, from_frames, to_frames
+from specexec.protocol.link import LinkError, UnknownSession
+from specexec.protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
+from specexec.protocol.security import curve_client, heartbeat
 
 
 class VerifierUnreachable(LinkError):

@@ -12,11 +12,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from drafter import budget_tuner
-from drafter.tree_search import TreeConfig, TreeSearch
-from protocol.link import LinkError, UnknownSession, VerifierLink
-from protocol.messages import VerifyRequest
-from protocol.tree import DraftTree
+from specexec.drafter import budget_tuner
+from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
+from specexec.protocol.messages import VerifyRequest
+from specexec.protocol.tree import DraftTree
 
 
 RESEND_ATTEMPTS = 5  # re-sends of the committed sequence in one round before giving up

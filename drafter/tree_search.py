@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from drafter.draft_model import DraftModel
-from protocol.sampling import SamplingParams
-from protocol.tree import ROOT, DraftTree
+from specexec.drafter.draft_model import DraftModel
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.tree import ROOT, DraftTree
 
 METHODS = ("specexec", "specinfer", "chain", "autoregressive")
 

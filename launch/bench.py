@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from launch.prompts import Prompt
+from specexec.launch.prompts import Prompt
 
 BASELINE = "autoregressive"
 

@@ -9,10 +9,10 @@ import sys
 
 import click
 
-from drafter.streaming import TextStream
-from drafter.tree_search import METHODS, TreeConfig
-from launch import model_store
-from protocol.sampling import SamplingParams
+from specexec.drafter.streaming import TextStream
+from specexec.drafter.tree_search import METHODS, TreeConfig
+from specexec.launch import model_store
+from specexec.protocol.sampling import SamplingParams
 
 DEFAULT_BUDGET = 16
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -95,7 +95,7 @@ placement_options = _options([
 
 
 def make_placement(device, max_memory, offload_folder, offload):
-    from verifier.placement import Placement
+    from specexec.verifier.placement import Placement
     try:
         return Placement(device, max_memory, offload_folder, offload)
     except ValueError as err:
@@ -139,7 +139,7 @@ def resolve_overlap(overlap, connect, placement) -> bool:
 
 def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                       branch_width, max_depth, overlap=False):
-    from launch.pipeline import RunOptions
+    from specexec.launch.pipeline import RunOptions
     auto = budget == "auto"
     tree = TreeConfig(method=method, budget=0 if method == "autoregressive" else DEFAULT_BUDGET if auto else budget,
                       max_n_beams=max_n_beams, branch_width=branch_width, max_depth=max_depth)
@@ -147,7 +147,7 @@ def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, 
 
 
 def _read_key(key_file):
-    from protocol.framing import load_key
+    from specexec.protocol.framing import load_key
     if key_file:
         try:
             return load_key(key_file)
@@ -164,10 +164,10 @@ def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, 
     """The pipeline `generate`, `chat` and `bench` run on: in-process, a verifier at --connect, or
     (default) a verifier process started here over ipc and stopped afterwards."""
     import torch
-    from launch.pipeline import LocalPipeline
-    from launch.remote_pipeline import LocalVerifier, RemotePipeline, VerifierStartError
-    from protocol.link import LinkError
-    from verifier.placement import Placement
+    from specexec.launch.pipeline import LocalPipeline
+    from specexec.launch.remote_pipeline import LocalVerifier, RemotePipeline, VerifierStartError
+    from specexec.protocol.link import LinkError
+    from specexec.verifier.placement import Placement
     placement = placement or Placement()
     if connect and placement != Placement():
         _fail("placement options (--device, --max-memory, --offload...) belong to the verifier: pass them to "
@@ -291,7 +291,7 @@ def chat(draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_
          top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device, max_memory,
          offload_folder, offload):
     """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
-    from launch.pipeline import encode_chat
+    from specexec.launch.pipeline import encode_chat
     placement = make_placement(device, max_memory, offload_folder, offload)
     overlap = resolve_overlap(overlap, connect, placement)
     options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
@@ -358,7 +358,7 @@ def chat(draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_
 def serve(target, bind, dtype, key_file, curve_dir, insecure, threads, max_sessions, max_cached_tokens,
           idle_timeout, budget, simulate_bus_gbps, device, max_memory, offload_folder, offload, exit_with_parent):
     """Host the target model for drafters on the network (or on this machine)."""
-    from launch.serve import ServeOptions, serve as run_server
+    from specexec.launch.serve import ServeOptions, serve as run_server
     try:
         target_path = model_store.resolve(target, model_store.TARGET)
         options = ServeOptions(target_path, bind, dtype, _read_key(key_file), curve_dir, insecure, threads,
@@ -427,8 +427,8 @@ def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tok
           max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, connect, in_process, overlap, key_file,
           curve_dir, timeout_s, threads, device, max_memory, offload_folder, offload):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
-    from launch import bench as benchmod
-    from launch import prompts as promptmod
+    from specexec.launch import bench as benchmod
+    from specexec.launch import prompts as promptmod
     bad = [m for m in methods if m not in BENCH_METHODS]
     if bad:
         raise click.BadParameter(f"unknown method {bad[0]!r}; expected any of {', '.join(BENCH_METHODS)}",
@@ -473,15 +473,15 @@ def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tok
         click.echo(f"all target timings below are simulated:{simulated}")
     click.echo(benchmod.format_table(rows))
     if plot:
-        from launch.bench_plot import plot as draw
+        from specexec.launch.bench_plot import plot as draw
         draw(rows, plot, f"specexec bench{simulated}")
         click.echo(f"plot: {plot}")
 
 
 def _hf_runner(pipe, target, dtype, simulate_bus_gbps):
     """transformers' assisted generation on the same models (the target loaded here if it is remote)."""
-    from launch import hf_assisted
-    from launch.pipeline import load_causal_lm, resolve_dtype
+    from specexec.launch import hf_assisted
+    from specexec.launch.pipeline import load_causal_lm, resolve_dtype
     if simulate_bus_gbps:
         raise click.BadParameter("hf-assisted cannot be run with --simulate-bus-gbps", param_hint="--methods")
     target_model = getattr(getattr(pipe, "target", None), "model", None)
@@ -503,11 +503,11 @@ def _hf_runner(pipe, target, dtype, simulate_bus_gbps):
 @click.option("--no-forward", is_flag=True, help="Only time the wire.")
 def bench_wire(sizes, trials, target, dtype, no_forward):
     """Per-round transport cost (encode + send + receive + decode) for trees of given sizes."""
-    from launch import wire_bench
+    from specexec.launch import wire_bench
     rows = wire_bench.measure(sizes, trials)
     if not no_forward:
-        from launch.pipeline import load_causal_lm, resolve_dtype
-        from verifier.target_model import TargetModel
+        from specexec.launch.pipeline import load_causal_lm, resolve_dtype
+        from specexec.verifier.target_model import TargetModel
         try:
             path = model_store.resolve(target, model_store.TARGET)
         except model_store.ModelStoreError as err:
@@ -532,11 +532,11 @@ def profile(target, dtype, sizes, prefix, threads, simulate_bus_gbps, plot, devi
             offload):
     """The target's forward time against the number of tokens, in the chosen placement."""
     import torch
-    from launch.pipeline import load_target
-    from launch.profile_cache import format_curve
-    from verifier.placement import peak_rss_mb, report
-    from verifier.profile import forward_curve
-    from verifier.target_model import TargetModel
+    from specexec.launch.pipeline import load_target
+    from specexec.launch.profile_cache import format_curve
+    from specexec.verifier.placement import peak_rss_mb, report
+    from specexec.verifier.profile import forward_curve
+    from specexec.verifier.target_model import TargetModel
     if threads:
         torch.set_num_threads(threads)
     placement = make_placement(device, max_memory, offload_folder, offload)
@@ -602,7 +602,7 @@ def keys():
 @click.argument("directory", type=click.Path(file_okay=False))
 def keys_generate(directory):
     """Write CURVE keypairs for a verifier and a drafter, and a shared HMAC key, into DIRECTORY."""
-    from protocol.security import generate_keys
+    from specexec.protocol.security import generate_keys
     d = generate_keys(directory)
     click.echo(f"wrote {d}/server.key[_secret], {d}/client.key[_secret], {d}/authorized/client.key, {d}/hmac.key")
     click.echo("GPU box:  specexec serve --bind tcp://0.0.0.0:5555 --key-file DIR/hmac.key --curve-dir DIR")

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from drafter.session import GenerationResult, GenerationStats
-from protocol.sampling import SamplingParams
+from specexec.drafter.session import GenerationResult, GenerationStats
+from specexec.protocol.sampling import SamplingParams
 
 
 def generate(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,

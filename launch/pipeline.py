@@ -8,19 +8,19 @@ from typing import Callable
 
 import torch
 
-from drafter.draft_model import DraftModel
-from drafter.quantize import int8_supported, quantize_int8
-from drafter.session import AutoBudget, DraftSession, GenerationResult
-from drafter.tree_search import TreeConfig, TreeSearch
-from launch import model_store
-from launch.packed_linear import pack_linears
-from verifier.layer_streamer import LayerStreamer
-from verifier.placement import Placement
-from protocol.link import VerifierLink
-from protocol.sampling import SamplingParams
-from verifier.inprocess import InProcessVerifier
-from verifier.session import SessionConfig, TargetSession
-from verifier.target_model import TargetModel
+from specexec.drafter.draft_model import DraftModel
+from specexec.drafter.quantize import int8_supported, quantize_int8
+from specexec.drafter.session import AutoBudget, DraftSession, GenerationResult
+from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.launch import model_store
+from specexec.launch.packed_linear import pack_linears
+from specexec.verifier.layer_streamer import LayerStreamer
+from specexec.verifier.placement import Placement
+from specexec.protocol.link import VerifierLink
+from specexec.protocol.sampling import SamplingParams
+from specexec.verifier.inprocess import InProcessVerifier
+from specexec.verifier.session import SessionConfig, TargetSession
+from specexec.verifier.target_model import TargetModel
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -45,15 +45,15 @@ def report(message: str) -> None:
 
 def target_curve(target: TargetModel, path: str, placement: str = "cpu", sizes=AUTO_SIZES) -> dict[int, float]:
     """The target's forward cost per size, measured once per (model, dtype, placement, threads)."""
-    from launch.profile_cache import cached_curve, profile_key
-    from verifier.profile import forward_curve
+    from specexec.launch.profile_cache import cached_curve, profile_key
+    from specexec.verifier.profile import forward_curve
     key = profile_key(path, target.dtype, placement, sizes=list(sizes), bus=target.simulate_bus_gbps)
     return cached_curve("target", key, lambda: forward_curve(target, sizes))
 
 
 def draft_curve(draft: DraftModel, path: str) -> dict[int, float]:
-    from drafter.draft_profile import SIZES, draft_curve as measure
-    from launch.profile_cache import cached_curve, profile_key
+    from specexec.drafter.draft_profile import SIZES, draft_curve as measure
+    from specexec.launch.profile_cache import cached_curve, profile_key
     return cached_curve("draft", profile_key(path, draft.weights, "cpu", sizes=list(SIZES)), lambda: measure(draft))
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from launch import model_store
+from specexec.launch import model_store
 
 
 def _path(kind: str, key: dict):

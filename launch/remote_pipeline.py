@@ -13,14 +13,14 @@ import threading
 import uuid
 from typing import Callable
 
-from drafter.remote import RemoteVerifier
-from drafter.session import GenerationResult
-from launch.pipeline import (BudgetTuners, RunOptions, draft_curve, draft_session, encode_prompt, load_draft,
+from specexec.drafter.remote import RemoteVerifier
+from specexec.drafter.session import GenerationResult
+from specexec.launch.pipeline import (BudgetTuners, RunOptions, draft_curve, draft_session, encode_prompt, load_draft,
                              load_tokenizer)
-from launch.serve import READY_LINE
-from protocol.fingerprint import tokenizer_fingerprint
-from protocol.messages import Hello
-from protocol.sampling import SamplingParams
+from specexec.launch.serve import READY_LINE
+from specexec.protocol.fingerprint import tokenizer_fingerprint
+from specexec.protocol.messages import Hello
+from specexec.protocol.sampling import SamplingParams
 
 KEY_ENV = "SPECEXEC_HMAC_KEY"
 
@@ -89,7 +89,7 @@ class LocalVerifier:
         os.chmod(self.dir, 0o700)
         self.key = secrets.token_hex(32).encode()
         self.address = f"ipc://{self.dir}/verifier.sock"
-        cmd = [sys.executable, "-m", "launch.cli", "serve", "--target", target_path, "--bind", self.address,
+        cmd = [sys.executable, "-m", "specexec.launch.cli", "serve", "--target", target_path, "--bind", self.address,
                "--dtype", dtype, "--exit-with-parent", *extra_args]
         if threads:
             cmd += ["--threads", str(threads)]

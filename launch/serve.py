@@ -11,13 +11,13 @@ from urllib.parse import urlsplit
 
 import torch
 
-from launch.pipeline import load_target, load_tokenizer, stop_ids, target_curve
-from launch.profile_cache import format_curve
-from protocol.codec import Limits
-from protocol.fingerprint import tokenizer_fingerprint
-from verifier.placement import Placement, report as placement_report
-from verifier.server import ServerConfig, VerifierServer, VerifierService
-from verifier.target_model import TargetModel
+from specexec.launch.pipeline import load_target, load_tokenizer, stop_ids, target_curve
+from specexec.launch.profile_cache import format_curve
+from specexec.protocol.codec import Limits
+from specexec.protocol.fingerprint import tokenizer_fingerprint
+from specexec.verifier.placement import Placement, report as placement_report
+from specexec.verifier.server import ServerConfig, VerifierServer, VerifierService
+from specexec.verifier.target_model import TargetModel
 
 READY_LINE = "specexec verifier listening on"
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from protocol.codec import Limits, encode
-from protocol.framing import Signer, from_frames, to_frames
-from protocol.messages import Verdict, VerifyRequest
-from protocol.tree import DraftTree
+from specexec.protocol.codec import Limits, encode
+from specexec.protocol.framing import Signer, from_frames, to_frames
+from specexec.protocol.messages import Verdict, VerifyRequest
+from specexec.protocol.tree import DraftTree
 
 KEY = b"wire-bench-key-0123456789abcdef"
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from protocol.messages import (ERROR_CODES, PROTOCOL_VERSION, Close, ErrorReply, Hello, Message, Verdict,
+from specexec.protocol.messages import (ERROR_CODES, PROTOCOL_VERSION, Close, ErrorReply, Hello, Message, Verdict,
                                VerifyRequest, Welcome)
-from protocol.sampling import SamplingParams
-from protocol.tree import DraftTree
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.tree import DraftTree
 
 INT32 = np.dtype("<i4")
 FLOAT32 = np.dtype("<f4")

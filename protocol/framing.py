@@ -14,8 +14,8 @@ import hmac
 from collections import deque
 from pathlib import Path
 
-from protocol.codec import Limits, ProtocolError, decode, encode
-from protocol.messages import Message
+from specexec.protocol.codec import Limits, ProtocolError, decode, encode
+from specexec.protocol.messages import Message
 
 TAG = b"SPX/1"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from protocol.messages import VerifyRequest, Verdict
+from specexec.protocol.messages import VerifyRequest, Verdict
 
 
 class UnknownSession(RuntimeError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol.sampling import SamplingParams
-from protocol.tree import DraftTree
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.tree import DraftTree
 
 PROTOCOL_VERSION = 1
 

@@ -7,10 +7,10 @@ import random
 import msgpack
 import numpy as np
 
-from protocol.codec import encode
-from protocol.framing import TAG, Signer, to_frames
-from protocol.messages import Close, VerifyRequest
-from protocol.tree import DraftTree
+from specexec.protocol.codec import encode
+from specexec.protocol.framing import TAG, Signer, to_frames
+from specexec.protocol.messages import Close, VerifyRequest
+from specexec.protocol.tree import DraftTree
 
 KINDS = ("random_bytes", "truncated", "frame_count", "oversized", "wrong_type", "array_length", "array_dtype",
          "non_topological", "out_of_range", "duplicate_siblings", "unknown_type", "wrong_signature", "replayed",

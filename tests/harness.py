@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from drafter.draft_model import DraftModel
-from drafter.session import DraftSession
-from drafter.tree_search import TreeConfig, TreeSearch
-from protocol.sampling import SamplingParams
-from verifier.inprocess import InProcessVerifier
-from verifier.session import SessionConfig, TargetSession
-from verifier.target_model import TargetModel
+from specexec.drafter.draft_model import DraftModel
+from specexec.drafter.session import DraftSession
+from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.protocol.sampling import SamplingParams
+from specexec.verifier.inprocess import InProcessVerifier
+from specexec.verifier.session import SessionConfig, TargetSession
+from specexec.verifier.target_model import TargetModel
 
 
 def run(target, draft, prompt, n, method="specexec", budget=16, params=SamplingParams(),

@@ -7,7 +7,7 @@ import heapq
 
 import torch
 
-from protocol.tree import ROOT
+from specexec.protocol.tree import ROOT
 
 
 def known_logits(context: list[int], vocab: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from launch.serve import READY_LINE
+from specexec.launch.serve import READY_LINE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def start_serve(target_path: str, address: str, key_file: str, *extra: str, prefix=()) -> subprocess.Popen:
-    cmd = list(prefix) + [sys.executable, "-m", "launch.cli", "serve", "--target", target_path, "--bind", address,
+    cmd = list(prefix) + [sys.executable, "-m", "specexec.launch.cli", "serve", "--target", target_path, "--bind", address,
                           "--key-file", key_file, "--dtype", "float32", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     line = proc.stdout.readline()

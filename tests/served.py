@@ -7,16 +7,16 @@ import uuid
 
 import zmq
 
-from drafter.draft_model import DraftModel
-from drafter.remote import RemoteVerifier
-from drafter.session import DraftSession
-from drafter.tree_search import TreeConfig, TreeSearch
-from protocol.codec import Limits
-from protocol.framing import Signer, from_frames, to_frames
-from protocol.messages import Hello
-from protocol.sampling import SamplingParams
-from verifier.server import ServerConfig, VerifierServer, VerifierService
-from verifier.target_model import TargetModel
+from specexec.drafter.draft_model import DraftModel
+from specexec.drafter.remote import RemoteVerifier
+from specexec.drafter.session import DraftSession
+from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.protocol.codec import Limits
+from specexec.protocol.framing import Signer, from_frames, to_frames
+from specexec.protocol.messages import Hello
+from specexec.protocol.sampling import SamplingParams
+from specexec.verifier.server import ServerConfig, VerifierServer, VerifierService
+from specexec.verifier.target_model import TargetModel
 
 FINGERPRINT = "tiny-fingerprint"
 KEY = b"0123456789abcdef0123456789abcdef"

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.sampling import SamplingParams, target_distribution
-from protocol.tree import ROOT, DraftTree
+from specexec.protocol.sampling import SamplingParams, target_distribution
+from specexec.protocol.tree import ROOT, DraftTree
 from stats_check import matches
-from verifier.acceptance import walk
+from specexec.verifier.acceptance import walk
 
 V = 6
 

@@ -9,12 +9,12 @@ import pytest
 
 from figures import record
 from processes import free_port
-from protocol.codec import decode
-from protocol.messages import ErrorReply, Hello
-from protocol.sampling import SamplingParams
-from protocol.security import generate_keys
-from protocol.tree import DraftTree
-from protocol.messages import VerifyRequest
+from specexec.protocol.codec import decode
+from specexec.protocol.messages import ErrorReply, Hello
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.security import generate_keys
+from specexec.protocol.tree import DraftTree
+from specexec.protocol.messages import VerifyRequest
 from served import FINGERPRINT, RawClient, ServedVerifier, remote_run
 from tiny_models import perturbed, tiny_lm
 
@@ -86,10 +86,10 @@ def test_curve_traffic_shows_no_plaintext(curve, tmp_path):
 
 
 def remote_run_curve(address, draft, keys):
-    from drafter.draft_model import DraftModel
-    from drafter.remote import RemoteVerifier
-    from drafter.session import DraftSession
-    from drafter.tree_search import TreeConfig, TreeSearch
+    from specexec.drafter.draft_model import DraftModel
+    from specexec.drafter.remote import RemoteVerifier
+    from specexec.drafter.session import DraftSession
+    from specexec.drafter.tree_search import TreeConfig, TreeSearch
     from served import KEY
     config = TreeConfig("specexec", 6)
     link = RemoteVerifier(address, Hello("cap", FINGERPRINT, SamplingParams(), "specexec"), KEY,
@@ -104,11 +104,11 @@ def remote_run_curve(address, draft, keys):
 
 def test_serve_binds_an_open_address_only_with_insecure(tmp_path):
     import sys
-    from launch.serve import READY_LINE
+    from specexec.launch.serve import READY_LINE
     from processes import ROOT
     from tiny_models import save_tiny_pair
     paths, _ = save_tiny_pair(tmp_path)
-    base = [sys.executable, "-m", "launch.cli", "serve", "--target", paths["target"], "--dtype", "float32"]
+    base = [sys.executable, "-m", "specexec.launch.cli", "serve", "--target", paths["target"], "--dtype", "float32"]
     refused = subprocess.run(base + ["--bind", "tcp://0.0.0.0:*"], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 1 and "refusing to bind tcp://0.0.0.0:* without a key" in refused.stderr
     proc = subprocess.Popen(base + ["--bind", "tcp://0.0.0.0:*", "--insecure"], stdout=subprocess.PIPE,

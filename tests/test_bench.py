@@ -3,8 +3,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from launch import bench
-from launch.cli import main
+from specexec.launch import bench
+from specexec.launch.cli import main
 from tiny_models import save_tiny_pair
 
 

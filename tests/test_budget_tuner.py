@@ -1,6 +1,6 @@
 import pytest
 
-from drafter.budget_tuner import (BudgetEstimate, WarmupRound, accepted_within, choose, estimate, explain,
+from specexec.drafter.budget_tuner import (BudgetEstimate, WarmupRound, accepted_within, choose, estimate, explain,
                                   interpolate)
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from launch.cli import main
+from specexec.launch.cli import main
 from tiny_models import greedy_reference, save_tiny_pair, tiny_tokenizer
 
 
@@ -111,13 +111,13 @@ def served_cli(tiny_pair, tmp_path):
     """`specexec serve` in its own process on a free loopback port, with a key file."""
     import subprocess
     import sys
-    from launch.serve import READY_LINE
+    from specexec.launch.serve import READY_LINE
     from test_remote import free_port
     paths, _ = tiny_pair
     key = tmp_path / "hmac.key"
     key.write_text("k" * 64)
     address = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--target", paths["target"], "--bind",
+    proc = subprocess.Popen([sys.executable, "-m", "specexec.launch.cli", "serve", "--target", paths["target"], "--bind",
                              address, "--key-file", str(key), "--dtype", "float32"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
@@ -187,7 +187,7 @@ def test_unreachable_verifier_mid_generation_keeps_the_text(tiny_pair, served_cl
     import time
     paths, _ = tiny_pair
     address, key, server = served_cli
-    cmd = [sys.executable, "-m", "launch.cli", "generate", "w10 w11 w12", "--raw", "--connect", address,
+    cmd = [sys.executable, "-m", "specexec.launch.cli", "generate", "w10 w11 w12", "--raw", "--connect", address,
            "--key-file", str(key), "--draft", paths["draft"], "--dtype", "float32", "--max-new-tokens", "100000",
            "--budget", "2", "--timeout", "3"]
     drafter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)

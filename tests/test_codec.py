@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from protocol.codec import Limits, ProtocolError, decode, encode
-from protocol.framing import TAG, Signer, from_frames, load_key, to_frames
-from protocol.messages import Close, ERROR_CODES, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
-from protocol.sampling import SamplingParams
-from protocol.tree import DraftTree
+from specexec.protocol.codec import Limits, ProtocolError, decode, encode
+from specexec.protocol.framing import TAG, Signer, from_frames, load_key, to_frames
+from specexec.protocol.messages import Close, ERROR_CODES, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.tree import DraftTree
 
 ids = st.integers(0, 2**31 - 1)
 session = st.text(min_size=1, max_size=40)

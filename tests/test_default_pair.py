@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from launch import model_store, prompts
-from launch.cli import build_run_options
-from launch.pipeline import LocalPipeline
+from specexec.launch import model_store, prompts
+from specexec.launch.cli import build_run_options
+from specexec.launch.pipeline import LocalPipeline
 
 pytestmark = pytest.mark.default_pair
 N_NEW = 32

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from drafter.draft_model import DraftModel
-from protocol.tree import ROOT
+from specexec.drafter.draft_model import DraftModel
+from specexec.protocol.tree import ROOT
 from tiny_models import ARCHS, tiny_lm
 
 PROMPT = [5, 17, 3, 44, 9, 12, 60]

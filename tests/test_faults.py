@@ -11,15 +11,15 @@ import uuid
 import pytest
 import zmq
 
-from drafter.draft_model import DraftModel
-from drafter.remote import RemoteVerifier
-from drafter.session import DraftSession
-from drafter.tree_search import TreeConfig, TreeSearch
+from specexec.drafter.draft_model import DraftModel
+from specexec.drafter.remote import RemoteVerifier
+from specexec.drafter.session import DraftSession
+from specexec.drafter.tree_search import TreeConfig, TreeSearch
 from figures import record
 from processes import ROOT, free_port, start_serve, stop
-from protocol.fingerprint import tokenizer_fingerprint
-from protocol.messages import Hello
-from protocol.sampling import SamplingParams
+from specexec.protocol.fingerprint import tokenizer_fingerprint
+from specexec.protocol.messages import Hello
+from specexec.protocol.sampling import SamplingParams
 from served import KEY, ServedVerifier
 from tiny_models import greedy_reference, save_tiny_pair, tiny_tokenizer
 
@@ -80,7 +80,7 @@ def test_killed_drafter_session_is_freed_within_the_idle_timeout(pair, tmp_path)
     with ServedVerifier(target, idle_timeout_s=idle) as served:
         service = served.service
         service.fingerprint = tokenizer_fingerprint(tiny_tokenizer())
-        cmd = [sys.executable, "-m", "launch.cli", "generate", " ".join(f"w{i}" for i in range(10, 60)), "--raw",
+        cmd = [sys.executable, "-m", "specexec.launch.cli", "generate", " ".join(f"w{i}" for i in range(10, 60)), "--raw",
                "--connect", served.address, "--key-file", key, "--draft", paths["draft"], "--dtype", "float32",
                "--max-new-tokens", "400", "--budget", "4"]
         drafter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -165,7 +165,7 @@ def test_slow_lossy_network_between_namespaces(pair):
             except NetnsUnavailable as err:
                 loss_error = f"{boxes.netem_error}; {err}"
                 how += "; no loss (kernel lacks netem, no iptables)"
-        cmd = ["-m", "launch.cli", "generate", "w10 w11 w12", "--raw", "--json", "--budget", "6",
+        cmd = ["-m", "specexec.launch.cli", "generate", "w10 w11 w12", "--raw", "--json", "--budget", "6",
                "--max-new-tokens", "24", "--dtype", "float32", "--draft", paths["draft"], "--connect", address,
                "--key-file", key]
         drafter = boxes.popen(boxes.drafter, cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)

@@ -10,13 +10,13 @@ from hypothesis import given, settings, strategies as st
 
 from figures import record
 from frame_fuzzer import KINDS, FrameFuzzer
-from protocol.codec import ProtocolError, decode, encode
-from protocol.framing import Signer, from_frames
-from protocol.messages import ErrorReply, Hello, Verdict
-from protocol.sampling import SamplingParams
+from specexec.protocol.codec import ProtocolError, decode, encode
+from specexec.protocol.framing import Signer, from_frames
+from specexec.protocol.messages import ErrorReply, Hello, Verdict
+from specexec.protocol.sampling import SamplingParams
 from served import FINGERPRINT, KEY, RawClient, ServedVerifier, remote_run
 from tiny_models import greedy_reference, perturbed, tiny_lm
-from verifier.placement import rss_mb
+from specexec.verifier.placement import rss_mb
 
 PROMPT = [3, 14, 15, 9, 2, 6]
 

@@ -2,13 +2,13 @@
 
 import threading
 
-from drafter.draft_model import DraftModel
+from specexec.drafter.draft_model import DraftModel
 from figures import record
-from protocol.messages import ErrorReply, Hello, Welcome
-from protocol.sampling import SamplingParams
+from specexec.protocol.messages import ErrorReply, Hello, Welcome
+from specexec.protocol.sampling import SamplingParams
 from served import FINGERPRINT, RawClient, ServedVerifier, remote_run
 from tiny_models import perturbed, tiny_lm
-from verifier.placement import peak_rss_mb
+from specexec.verifier.placement import peak_rss_mb
 
 N = 32
 
@@ -95,7 +95,7 @@ def test_session_cap_is_a_clear_refusal():
 
 def test_verifier_process_memory_under_eight_sessions(tmp_path):
     from processes import free_port, start_serve, stop
-    from protocol.fingerprint import tokenizer_fingerprint
+    from specexec.protocol.fingerprint import tokenizer_fingerprint
     from served import KEY
     from tiny_models import save_tiny_pair, tiny_tokenizer
     paths, model = save_tiny_pair(tmp_path)

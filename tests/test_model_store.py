@@ -4,8 +4,8 @@ import zipfile
 
 import pytest
 
-from launch import model_store
-from launch.model_store import ModelStoreError, PackagedModel
+from specexec.launch import model_store
+from specexec.launch.model_store import ModelStoreError, PackagedModel
 
 PAYLOAD = [b"GGUF" + bytes(range(200)), b"second part" * 50, b"tail"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness import run
-from launch.packed_linear import PackedLinear, pack_linears, packing_works
+from specexec.launch.packed_linear import PackedLinear, pack_linears, packing_works
 from tiny_models import greedy_reference, perturbed, tiny_lm
 
 PROMPT = [3, 14, 15, 9, 2, 6]

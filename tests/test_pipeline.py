@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from launch import pipeline
+from specexec.launch import pipeline
 from tiny_models import tiny_lm
 
 
@@ -31,8 +31,8 @@ def test_float32_checkpoint_stays_float32(tmp_path):
 
 
 def _options(budget_auto=True, temperature=0.0):
-    from drafter.tree_search import TreeConfig
-    from protocol.sampling import SamplingParams
+    from specexec.drafter.tree_search import TreeConfig
+    from specexec.protocol.sampling import SamplingParams
     return pipeline.RunOptions(TreeConfig("specexec", 64), SamplingParams(temperature, 1.0, 0), 16,
                                budget_auto=budget_auto)
 

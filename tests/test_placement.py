@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from harness import run
-from launch.pipeline import load_target
-from protocol.tree import ROOT, DraftTree
+from specexec.launch.pipeline import load_target
+from specexec.protocol.tree import ROOT, DraftTree
 from tiny_models import greedy_reference, perturbed, tiny_lm
-from verifier.placement import Placement, parse_max_memory, report
-from verifier.target_model import TargetModel
+from specexec.verifier.placement import Placement, parse_max_memory, report
+from specexec.verifier.target_model import TargetModel
 
 PROMPT = [5, 17, 3, 44, 9, 12, 60]
 TREE = DraftTree.build([10, 11, 20, 21, 22, 30, 31, 40], [-1, -1, 0, 0, 1, 2, 2, 5])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from launch import prompts
+from specexec.launch import prompts
 from tiny_models import tiny_tokenizer
 
 

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from drafter.draft_model import DraftModel
-from drafter.quantize import int8_linear, int8_supported, quantize_int8
+from specexec.drafter.draft_model import DraftModel
+from specexec.drafter.quantize import int8_linear, int8_supported, quantize_int8
 from harness import run
 from tiny_models import greedy_reference, perturbed, tiny_lm
 

@@ -2,10 +2,10 @@ import socket
 
 import pytest
 
-from drafter.draft_model import DraftModel
+from specexec.drafter.draft_model import DraftModel
 from served import ServedVerifier, remote_run
 from tiny_models import greedy_reference, perturbed, tiny_lm
-from protocol.sampling import SamplingParams
+from specexec.protocol.sampling import SamplingParams
 from harness import run
 
 PROMPT = [3, 14, 15, 9, 2, 6]
@@ -64,10 +64,10 @@ def test_verifier_restart_loses_nothing(pair):
             holder["server"] = ServedVerifier(model, bind=address)
 
     from served import FINGERPRINT, KEY
-    from drafter.remote import RemoteVerifier
-    from drafter.session import DraftSession
-    from drafter.tree_search import TreeConfig, TreeSearch
-    from protocol.messages import Hello
+    from specexec.drafter.remote import RemoteVerifier
+    from specexec.drafter.session import DraftSession
+    from specexec.drafter.tree_search import TreeConfig, TreeSearch
+    from specexec.protocol.messages import Hello
     config = TreeConfig("specexec", 8)
     link = RemoteVerifier(address, Hello("restart", FINGERPRINT, SamplingParams(), "specexec"), KEY, timeout_s=20)
     link.open()
@@ -95,10 +95,10 @@ def test_unreachable_verifier_keeps_what_was_generated(pair):
             served.close()
 
     from served import FINGERPRINT, KEY
-    from drafter.remote import RemoteVerifier
-    from drafter.session import DraftSession
-    from drafter.tree_search import TreeConfig, TreeSearch
-    from protocol.messages import Hello
+    from specexec.drafter.remote import RemoteVerifier
+    from specexec.drafter.session import DraftSession
+    from specexec.drafter.tree_search import TreeConfig, TreeSearch
+    from specexec.protocol.messages import Hello
     config = TreeConfig("specexec", 4)
     link = RemoteVerifier(address, Hello("u", FINGERPRINT, SamplingParams(), "specexec"), KEY, timeout_s=2)
     link.open()
@@ -111,16 +111,16 @@ def test_unreachable_verifier_keeps_what_was_generated(pair):
 
 
 def test_curve_encrypted_link(pair, tmp_path):
-    from drafter.remote import RemoteVerifier, VerifierUnreachable
-    from protocol.messages import Hello
-    from protocol.security import generate_keys
+    from specexec.drafter.remote import RemoteVerifier, VerifierUnreachable
+    from specexec.protocol.messages import Hello
+    from specexec.protocol.security import generate_keys
     from served import FINGERPRINT, KEY
     model, draft = pair
     keys = generate_keys(tmp_path / "keys")
     ref = greedy_reference(model, PROMPT, 12)
     with ServedVerifier(model, curve_dir=str(keys)) as served:
-        from drafter.session import DraftSession
-        from drafter.tree_search import TreeConfig, TreeSearch
+        from specexec.drafter.session import DraftSession
+        from specexec.drafter.tree_search import TreeConfig, TreeSearch
         config = TreeConfig("specexec", 6)
         link = RemoteVerifier(served.address, Hello("c", FINGERPRINT, SamplingParams(), "specexec"), KEY,
                               curve_dir=str(keys), timeout_s=10)

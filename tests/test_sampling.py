@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from protocol.sampling import SamplingParams, emit, sample, target_distribution, uniform
+from specexec.protocol.sampling import SamplingParams, emit, sample, target_distribution, uniform
 
 
 def brute_nucleus(logits, temperature, top_p):

@@ -4,11 +4,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol.codec import encode
-from protocol.framing import TAG
-from protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
-from protocol.sampling import SamplingParams
-from protocol.tree import DraftTree
+from specexec.protocol.codec import encode
+from specexec.protocol.framing import TAG
+from specexec.protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.tree import DraftTree
 from served import FINGERPRINT, RawClient, ServedVerifier, remote_run
 from tiny_models import greedy_reference, perturbed, tiny_lm
 

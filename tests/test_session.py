@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from harness import run
-from protocol.sampling import SamplingParams, target_distribution
+from specexec.protocol.sampling import SamplingParams, target_distribution
 from stats_check import matches
 from tiny_models import ARCHS, greedy_reference, perturbed, tiny_lm
-from verifier.target_model import TargetModel
-from drafter.draft_model import DraftModel
-from drafter.session import AutoBudget
+from specexec.verifier.target_model import TargetModel
+from specexec.drafter.draft_model import DraftModel
+from specexec.drafter.session import AutoBudget
 
 PROMPTS = [[3, 14, 15, 9, 2, 6], [50, 51, 52], [7], [88, 1, 88, 1, 88, 1, 88, 1]]
 N_NEW = 24

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.tree import ROOT, DraftTree
+from specexec.protocol.tree import ROOT, DraftTree
 from tiny_models import ARCHS, tiny_lm
-from verifier.target_model import TargetModel
+from specexec.verifier.target_model import TargetModel
 
 PROMPT = [5, 17, 3, 44, 9, 12, 60]
 TREE = DraftTree.build([10, 11, 20, 21, 22, 30, 31, 40],

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.tree import ROOT, DraftTree, TreeError, ancestor_matrix, verify_mask, verify_positions
+from specexec.protocol.tree import ROOT, DraftTree, TreeError, ancestor_matrix, verify_mask, verify_positions
 
 #        root
 #       /    \

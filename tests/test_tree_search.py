@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from drafter.tree_search import TreeConfig, TreeSearch
+from specexec.drafter.tree_search import TreeConfig, TreeSearch
 from known_draft import KnownDraft, oracle_top
-from protocol.sampling import SamplingParams
-from protocol.tree import ROOT
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.tree import ROOT
 
 PROMPT = [3, 1, 4, 1, 5]
 VOCAB = 24

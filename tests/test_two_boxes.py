@@ -29,8 +29,8 @@ def boxes():
 
 
 def _serve(boxes, paths, key, port):
-    from launch.serve import READY_LINE
-    proc = boxes.popen(boxes.verifier, ["-m", "launch.cli", "serve", "--target", paths["target"], "--bind",
+    from specexec.launch.serve import READY_LINE
+    proc = boxes.popen(boxes.verifier, ["-m", "specexec.launch.cli", "serve", "--target", paths["target"], "--bind",
                                         f"tcp://{boxes.verifier_ip}:{port}", "--key-file", str(key),
                                         "--dtype", "float32"],
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
@@ -55,7 +55,7 @@ def test_two_boxes_give_the_one_machine_output(boxes, tmp_path):
                                 stdout=subprocess.PIPE, text=True)
             assert relay.stdout.readline().strip() == "ready"
             address = "tcp://127.0.0.1:6577"
-        args = ["-m", "launch.cli", "generate", "w10 w11 w12", "--raw", "--json", "--budget", "6",
+        args = ["-m", "specexec.launch.cli", "generate", "w10 w11 w12", "--raw", "--json", "--budget", "6",
                 "--max-new-tokens", "20", "--dtype", "float32", "--target", paths["target"], "--draft", paths["draft"]]
         drafter = boxes.popen(boxes.drafter, args + ["--connect", address, "--key-file", str(key)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)

@@ -1,4 +1,4 @@
-from launch import wire_bench
+from specexec.launch import wire_bench
 
 
 def test_random_trees_are_valid():

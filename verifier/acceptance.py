@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from protocol.sampling import SamplingParams, emit, sample, target_distribution, uniform
-from protocol.tree import ROOT, DraftTree
+from specexec.protocol.sampling import SamplingParams, emit, sample, target_distribution, uniform
+from specexec.protocol.tree import ROOT, DraftTree
 
 RULES = ("specexec", "specinfer")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from protocol.messages import Verdict, VerifyRequest
-from verifier.session import TargetSession
+from specexec.protocol.messages import Verdict, VerifyRequest
+from specexec.verifier.session import TargetSession
 
 
 class InProcessVerifier:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from protocol.tree import DraftTree
-from verifier.target_model import TargetModel
+from specexec.protocol.tree import DraftTree
+from specexec.verifier.target_model import TargetModel
 
 SIZES = (1, 4, 16, 64, 256, 1024)
 

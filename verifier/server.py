@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from protocol.codec import Limits, ProtocolError
-from protocol.framing import Signer, from_frames, to_frames
-from protocol.kv_prune import cache_length
-from protocol.messages import Close, ErrorReply, Hello, Message, Verdict, VerifyRequest, Welcome
-from protocol.security import curve_server, heartbeat
-from protocol.tree import TreeError
-from verifier.session import SessionConfig, TargetSession
-from verifier.target_model import TargetModel
+from specexec.protocol.codec import Limits, ProtocolError
+from specexec.protocol.framing import Signer, from_frames, to_frames
+from specexec.protocol.kv_prune import cache_length
+from specexec.protocol.messages import Close, ErrorReply, Hello, Message, Verdict, VerifyRequest, Welcome
+from specexec.protocol.security import curve_server, heartbeat
+from specexec.protocol.tree import TreeError
+from specexec.verifier.session import SessionConfig, TargetSession
+from specexec.verifier.target_model import TargetModel
 
 log = logging.getLogger("specexec.verifier")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from protocol.messages import Verdict, VerifyRequest
-from protocol.kv_prune import cache_length
-from protocol.sampling import SamplingParams
-from protocol.tree import TreeError
-from verifier.acceptance import RULES, walk
-from verifier.placement import peak_rss_mb
-from verifier.target_model import TargetModel
+from specexec.protocol.messages import Verdict, VerifyRequest
+from specexec.protocol.kv_prune import cache_length
+from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.tree import TreeError
+from specexec.verifier.acceptance import RULES, walk
+from specexec.verifier.placement import peak_rss_mb
+from specexec.verifier.target_model import TargetModel
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
-from protocol.tree import ROOT, DraftTree, verify_mask, verify_positions
+from specexec.protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
+from specexec.protocol.tree import ROOT, DraftTree, verify_mask, verify_positions
 
 
 @dataclass

@@ -1,0 +1,13 @@
+"""specexec: SpecExec speculative decoding, a drafter and a verifier in two processes.
+
+The subpackages live at the repository's top level (the design card's layout) and are
+installed under this namespace by setuptools' package-dir mapping:
+`specexec.protocol`, `specexec.drafter`, `specexec.verifier`, `specexec.launch`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("specexec")
+except PackageNotFoundError:  # running from a checkout that was never installed
+    __version__ = "0.0.0+unknown"
