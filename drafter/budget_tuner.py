@@ -17,7 +17,8 @@ or worse. Per budget B the model is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -95,3 +96,64 @@ def explain(estimates: list[BudgetEstimate], chosen: BudgetEstimate) -> str:
         lines.append(f" {e.budget:6d} | {e.tokens_per_round:12.2f} | {e.draft_s:7.3f} | {e.target_s:8.3f} | "
                      f"{e.tokens_per_s:8.2f}{mark}")
     return "\n".join(lines)
+
+
+@dataclass
+class AutoBudget:
+    """`--budget auto`: warm up with a large budget, then keep the budget the tuner picks."""
+
+    target_curve: dict[int, float]
+    draft_curve: dict[int, float]
+    warmup_budget: int = 64
+    warmup_rounds: int = 3
+    report: Callable[[str], None] | None = None
+    rounds: list = field(default_factory=list)
+    chosen: BudgetEstimate | None = None
+
+    @property
+    def budget(self) -> int:
+        """The budget to draft with now: the chosen one, or the warm-up's until the choice."""
+        return self.chosen.budget if self.chosen else self.warmup_budget
+
+    def observe(self, sent, accepted: list[int]) -> int | None:
+        """Record a warm-up round; returns the chosen budget once the warm-up is over."""
+        if self.chosen is not None or sent is None:
+            return None
+        self.rounds.append(WarmupRound(tuple(sent.ranks[i] for i in accepted), tuple(sent.ranks),
+                                                    tuple(int(d) for d in sent.tree.depths())))
+        if len(self.rounds) < self.warmup_rounds:
+            return None
+        candidates = [b for b in CANDIDATES if b <= self.warmup_budget]
+        estimates = estimate(self.rounds, self.target_curve, self.draft_curve, candidates)
+        self.chosen = choose(estimates)
+        if self.report:
+            self.report(explain(estimates, self.chosen))
+        return self.chosen.budget
+
+
+@dataclass
+class BudgetTuners:
+    """`--budget auto`'s tuners, one per (context, tree config, temperature, top-p).
+
+    A context names a stream of related prompts (a chat, a benchmark's prompt set): its
+    warm-up runs once and later generations keep the budget chosen there. Without a
+    context every generation warms up afresh. The curves are measured lazily (the first
+    `--budget auto` run asks for them).
+    """
+
+    target_curve_fn: Callable[[], dict[int, float]]
+    draft_curve_fn: Callable[[], dict[int, float]]
+    report: Callable[[str], None] | None = None
+    by_key: dict = field(default_factory=dict)
+
+    def for_run(self, options, context: str | None = None) -> AutoBudget | None:
+        """The tuner for one run with `options` (a RunOptions); None without --budget auto."""
+        if not options.budget_auto or options.tree.method == "autoregressive":
+            return None
+        key = (context, options.tree, options.sampling.temperature, options.sampling.top_p)
+        if context is not None and key in self.by_key:
+            return self.by_key[key]
+        tuner = AutoBudget(self.target_curve_fn(), self.draft_curve_fn(), report=self.report)
+        if context is not None:
+            self.by_key[key] = tuner
+        return tuner

@@ -12,14 +12,26 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from specexec.drafter import budget_tuner
+from specexec.drafter.budget_tuner import AutoBudget
 from specexec.drafter.tree_search import TreeConfig, TreeSearch
 from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
 from specexec.protocol.messages import VerifyRequest
+from specexec.protocol.sampling import SamplingParams
 from specexec.protocol.tree import DraftTree
 
 
 RESEND_ATTEMPTS = 5  # re-sends of the committed sequence in one round before giving up
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything one generation needs besides the models and the prompt."""
+
+    tree: TreeConfig
+    sampling: SamplingParams
+    max_new_tokens: int = 256
+    overlap: bool = False
+    budget_auto: bool = False
 
 
 @dataclass
@@ -92,39 +104,6 @@ class GenerationResult:
     stats: GenerationStats
     error: str | None = None  # why generation stopped early; token_ids holds what was kept
     context_full: bool = False  # the target's context (max_context) ended it
-
-
-@dataclass
-class AutoBudget:
-    """`--budget auto`: warm up with a large budget, then keep the budget the tuner picks."""
-
-    target_curve: dict[int, float]
-    draft_curve: dict[int, float]
-    warmup_budget: int = 64
-    warmup_rounds: int = 3
-    report: Callable[[str], None] | None = None
-    rounds: list = field(default_factory=list)
-    chosen: budget_tuner.BudgetEstimate | None = None
-
-    @property
-    def budget(self) -> int:
-        """The budget to draft with now: the chosen one, or the warm-up's until the choice."""
-        return self.chosen.budget if self.chosen else self.warmup_budget
-
-    def observe(self, sent, accepted: list[int]) -> int | None:
-        """Record a warm-up round; returns the chosen budget once the warm-up is over."""
-        if self.chosen is not None or sent is None:
-            return None
-        self.rounds.append(budget_tuner.WarmupRound(tuple(sent.ranks[i] for i in accepted), tuple(sent.ranks),
-                                                    tuple(int(d) for d in sent.tree.depths())))
-        if len(self.rounds) < self.warmup_rounds:
-            return None
-        candidates = [b for b in budget_tuner.CANDIDATES if b <= self.warmup_budget]
-        estimates = budget_tuner.estimate(self.rounds, self.target_curve, self.draft_curve, candidates)
-        self.chosen = budget_tuner.choose(estimates)
-        if self.report:
-            self.report(budget_tuner.explain(estimates, self.chosen))
-        return self.chosen.budget
 
 
 @dataclass

@@ -35,12 +35,13 @@ from specexec.protocol.sampling import SamplingParams
 from specexec.protocol.tree import ROOT, DraftTree
 
 METHODS = ("specexec", "specinfer", "chain", "autoregressive")
+DEFAULT_BUDGET = 16  # nodes per tree: the one default the CLI, bench and API read
 
 
 @dataclass(frozen=True)
 class TreeConfig:
     method: str = "specexec"
-    budget: int = 32
+    budget: int = DEFAULT_BUDGET
     max_n_beams: int = 64  # nodes expanded per draft forward
     branch_width: int = 16  # children discovered per expanded node
     max_depth: int = 32

@@ -10,11 +10,10 @@ import sys
 import click
 
 from specexec.drafter.streaming import TextStream
-from specexec.drafter.tree_search import METHODS, TreeConfig
+from specexec.drafter.tree_search import DEFAULT_BUDGET, METHODS, TreeConfig
 from specexec.launch import model_store
 from specexec.protocol.sampling import SamplingParams
 
-DEFAULT_BUDGET = 16
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 
@@ -139,7 +138,7 @@ def resolve_overlap(overlap, connect, placement) -> bool:
 
 def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
                       branch_width, max_depth, overlap=False):
-    from specexec.launch.pipeline import RunOptions
+    from specexec.drafter.session import RunOptions
     auto = budget == "auto"
     tree = TreeConfig(method=method, budget=0 if method == "autoregressive" else DEFAULT_BUDGET if auto else budget,
                       max_n_beams=max_n_beams, branch_width=branch_width, max_depth=max_depth)

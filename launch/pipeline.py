@@ -10,7 +10,8 @@ import torch
 
 from specexec.drafter.draft_model import DraftModel
 from specexec.drafter.quantize import int8_supported, quantize_int8
-from specexec.drafter.session import AutoBudget, DraftSession, GenerationResult
+from specexec.drafter.budget_tuner import BudgetTuners
+from specexec.drafter.session import DraftSession, GenerationResult, RunOptions
 from specexec.drafter.tree_search import TreeConfig, TreeSearch
 from specexec.launch import model_store
 from specexec.launch.packed_linear import pack_linears
@@ -26,17 +27,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 AUTO_SIZES = (1, 4, 16, 32, 64, 128, 256)  # forward sizes the budget tuner interpolates between
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything one generation needs besides the models and the prompt."""
-
-    tree: TreeConfig
-    sampling: SamplingParams
-    max_new_tokens: int = 128
-    overlap: bool = False
-    budget_auto: bool = False
 
 
 def report(message: str) -> None:
@@ -55,31 +45,6 @@ def draft_curve(draft: DraftModel, path: str) -> dict[int, float]:
     from specexec.drafter.draft_profile import SIZES, draft_curve as measure
     from specexec.launch.profile_cache import cached_curve, profile_key
     return cached_curve("draft", profile_key(path, draft.weights, "cpu", sizes=list(SIZES)), lambda: measure(draft))
-
-
-@dataclass
-class BudgetTuners:
-    """`--budget auto`'s tuners, one per (context, tree config, temperature, top-p).
-
-    A context names a stream of related prompts (a chat, a benchmark's prompt set): its
-    warm-up runs once and later generations keep the budget chosen there. Without a
-    context every generation warms up afresh.
-    """
-
-    target_curve_fn: Callable[[], dict[int, float]]
-    draft_curve_fn: Callable[[], dict[int, float]]
-    by_key: dict = field(default_factory=dict)
-
-    def for_run(self, options: RunOptions, context: str | None = None) -> AutoBudget | None:
-        if not options.budget_auto or options.tree.method == "autoregressive":
-            return None
-        key = (context, options.tree, options.sampling.temperature, options.sampling.top_p)
-        if context is not None and key in self.by_key:
-            return self.by_key[key]
-        tuner = AutoBudget(self.target_curve_fn(), self.draft_curve_fn(), report=report)
-        if context is not None:
-            self.by_key[key] = tuner
-        return tuner
 
 
 def resolve_dtype(name: str, path: str, device: str = "cpu") -> torch.dtype:
@@ -223,7 +188,7 @@ class LocalPipeline:
                                  f"target's ({self.target.vocab_size}): not a usable pair")
         self.tuners = BudgetTuners(
             lambda: target_curve(self.target, self.target_path, self.placement.describe()),
-            lambda: draft_curve(self.draft, self.draft_path))
+            lambda: draft_curve(self.draft, self.draft_path), report)
 
     def encode(self, text: str, chat: bool | None) -> list[int]:
         return encode_prompt(self.tokenizer, text, chat)

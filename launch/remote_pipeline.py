@@ -15,8 +15,9 @@ from typing import Callable
 
 from specexec.drafter.remote import RemoteVerifier
 from specexec.drafter.session import GenerationResult
-from specexec.launch.pipeline import (BudgetTuners, RunOptions, draft_curve, draft_session, encode_prompt, load_draft,
-                             load_tokenizer)
+from specexec.drafter.budget_tuner import BudgetTuners
+from specexec.drafter.session import RunOptions
+from specexec.launch.pipeline import draft_curve, draft_session, encode_prompt, load_draft, load_tokenizer, report
 from specexec.launch.serve import READY_LINE
 from specexec.protocol.fingerprint import tokenizer_fingerprint
 from specexec.protocol.messages import Hello
@@ -51,7 +52,7 @@ class RemotePipeline:
             raise ValueError(f"draft vocabulary ({self.draft.vocab_size}) differs from the target's "
                              f"({self.welcome.vocab_size}): not a usable pair")
         self.stop_ids = frozenset(self.welcome.stop_ids)
-        self.tuners = BudgetTuners(self._target_curve, lambda: draft_curve(self.draft, self.draft_path))
+        self.tuners = BudgetTuners(self._target_curve, lambda: draft_curve(self.draft, self.draft_path), report)
 
     def _link(self, hello: Hello) -> RemoteVerifier:
         return RemoteVerifier(self.address, hello, self.key, self.curve_dir, self.timeout_s)

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from specexec.drafter.budget_tuner import BudgetTuners
+from specexec.drafter.session import RunOptions
 from specexec.launch import pipeline
 from tiny_models import tiny_lm
 
@@ -33,12 +35,12 @@ def test_float32_checkpoint_stays_float32(tmp_path):
 def _options(budget_auto=True, temperature=0.0):
     from specexec.drafter.tree_search import TreeConfig
     from specexec.protocol.sampling import SamplingParams
-    return pipeline.RunOptions(TreeConfig("specexec", 64), SamplingParams(temperature, 1.0, 0), 16,
+    return RunOptions(TreeConfig("specexec", 64), SamplingParams(temperature, 1.0, 0), 16,
                                budget_auto=budget_auto)
 
 
 def test_budget_tuners_are_kept_per_context_and_settings():
-    tuners = pipeline.BudgetTuners(lambda: {1: 0.1}, lambda: {1: 0.01})
+    tuners = BudgetTuners(lambda: {1: 0.1}, lambda: {1: 0.01})
     chat = tuners.for_run(_options(), "chat")
     assert tuners.for_run(_options(), "chat") is chat  # a chat warms up once
     assert tuners.for_run(_options(), "humaneval") is not chat

@@ -10,7 +10,7 @@ from stats_check import matches
 from tiny_models import ARCHS, greedy_reference, perturbed, tiny_lm
 from specexec.verifier.target_model import TargetModel
 from specexec.drafter.draft_model import DraftModel
-from specexec.drafter.session import AutoBudget
+from specexec.drafter.budget_tuner import AutoBudget
 
 PROMPTS = [[3, 14, 15, 9, 2, 6], [50, 51, 52], [7], [88, 1, 88, 1, 88, 1, 88, 1]]
 N_NEW = 24
