@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from specexec.launch.prompts import Prompt
+from specexec.drafter.session import RunOptions
+from specexec.drafter.tree_config import DEFAULT_BUDGET, TreeConfig
+from specexec.launch import hf_assisted
+from specexec.protocol.sampling import SamplingParams
 
 BASELINE = "autoregressive"
 
@@ -146,3 +149,19 @@ def format_table(rows: list[dict]) -> str:
     lines = [" | ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def make_runner(pipe, spec: BenchSpec, tree: TreeConfig, overlap: bool, hf_target=None) -> Runner:
+    """The runner over `pipe` (a launch.pipeline.Pipeline): our methods through the pipeline,
+    `hf-assisted` through transformers on `hf_target` (the target model, in this process)."""
+
+    def run(prompt_ids, method, budget, temperature, context=None):
+        sampling = SamplingParams(temperature, spec.top_p if temperature > 0 else 1.0, spec.seed)
+        if method == "hf-assisted":
+            return hf_assisted.generate(hf_target, pipe.draft.model, prompt_ids, spec.max_new_tokens, sampling,
+                                        pipe.stop_ids)
+        auto = budget == "auto"
+        shape = replace(tree, method=method, budget=0 if method == BASELINE else DEFAULT_BUDGET if auto else budget)
+        options = RunOptions(shape, sampling, spec.max_new_tokens, overlap, auto)
+        return pipe.generate(prompt_ids, options, context=context)
+    return run

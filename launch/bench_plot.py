@@ -40,3 +40,17 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curve(curve: dict[int, float], title: str, path: str) -> None:
+    """`specexec profile --plot`: milliseconds per forward against tokens in it (log x)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(list(curve), [v * 1e3 for v in curve.values()], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the forward (1 appended + tree)")
+    ax.set_ylabel("ms per forward")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,20 +1,28 @@
-"""`specexec` command line: generate, chat, serve, bench, models, keys."""
+"""`specexec` command line: parsing only.
+
+Each option group becomes one small frozen dataclass (`ModelOptions`, `TreeChoice`,
+`SamplingParams`, `PlacementOptions`, `LinkOptions`) handed whole to the commands, which pass
+them to the process side that does the work: `launch.drafting` (generate, chat, bench),
+`launch.serving` (serve, profile). Model code is imported inside the commands, so each
+process loads only its own side.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import os
 import sys
+from dataclasses import dataclass
 
 import click
 
-from specexec.drafter.streaming import TextStream
-from specexec.drafter.tree_search import DEFAULT_BUDGET, METHODS, TreeConfig
+from specexec.drafter.tree_config import DEFAULT_BUDGET, METHODS, TreeConfig
 from specexec.launch import model_store
+from specexec.launch.options import DEFAULT_BIND, LinkOptions, ModelOptions, PlacementOptions
 from specexec.protocol.sampling import SamplingParams
 
-DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DTYPE_CHOICE = click.Choice(["auto", "bfloat16", "float32"])
 
 
 def _fail(message: str):
@@ -41,28 +49,61 @@ class BudgetType(click.ParamType):
 BUDGET = BudgetType()
 
 
-def _options(opts):
+@dataclass(frozen=True)
+class TreeChoice:
+    """The tree options as given: a TreeConfig, and whether `--budget auto` picks its budget."""
+
+    config: TreeConfig
+    auto: bool = False
+
+    @classmethod
+    def build(cls, method, budget, max_n_beams, branch_width, max_depth) -> "TreeChoice":
+        auto = budget == "auto"
+        size = 0 if method == "autoregressive" else DEFAULT_BUDGET if auto else budget
+        try:
+            return cls(TreeConfig(method, size, max_n_beams, branch_width, max_depth), auto)
+        except ValueError as err:
+            raise click.BadParameter(str(err))
+
+    def run_options(self, sampling: SamplingParams, max_new_tokens: int, overlap: bool):
+        from specexec.drafter.session import RunOptions
+        return RunOptions(self.config, sampling, max_new_tokens, overlap, self.auto)
+
+
+def option_group(name: str, build, *options):
+    """Options that reach the command as one object `name` = build(**their values)."""
+    probe = click.command()(lambda **_: None)
+    for opt in options:
+        probe = opt(probe)
+    keys = [p.name for p in probe.params]
+
     def wrap(fn):
-        for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            kwargs[name] = build(**{k: kwargs.pop(k) for k in keys})
+            return fn(*args, **kwargs)
+        for opt in reversed(options):
+            command = opt(command)
+        return command
     return wrap
 
 
-model_options = _options([
+model_options = option_group(
+    "models", ModelOptions,
     click.option("--draft", default=None, metavar="MODEL",
                  help="Draft model: Hugging Face id or local directory (default: the default pair's)."),
     click.option("--target", default=None, metavar="MODEL",
                  help="Target model: Hugging Face id or local directory (default: the default pair's)."),
-    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+    click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True,
                  help="auto: bf16 where the device computes it natively, else float32."),
     click.option("--draft-dtype", type=click.Choice(["auto", "int8", "bfloat16", "float32"]), default="auto",
                  show_default=True,
                  help="Draft weights. auto: int8 on a CPU that runs it (the draft only proposes; output is "
                       "unchanged), else like --dtype."),
-])
+)
 
-tree_options = _options([
+tree_options = option_group(
+    "tree", TreeChoice.build,
     click.option("--method", type=click.Choice(METHODS), default="specexec", show_default=True),
     click.option("--budget", type=BUDGET, default=DEFAULT_BUDGET, show_default=True,
                  help="Draft tree size (nodes sent per round), or auto: measure and pick the fastest."),
@@ -71,17 +112,20 @@ tree_options = _options([
     click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True,
                  help="Children considered per expanded node."),
     click.option("--max-depth", type=click.IntRange(min=1), default=TreeConfig.max_depth, show_default=True),
-])
+)
 
-sampling_options = _options([
-    click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
+sampling_options = option_group(
+    "sampling", SamplingParams,
     click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
                  help="0 decodes greedily."),
     click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True),
     click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True),
-])
+)
 
-placement_options = _options([
+max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+
+placement_options = option_group(
+    "placement", PlacementOptions,
     click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N|auto",
                  help="Where the target computes (verifier side)."),
     click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
@@ -90,34 +134,17 @@ placement_options = _options([
                  help="Where weights that fit nowhere are kept (with --max-memory)."),
     click.option("--offload", type=click.Choice(["none", "stream"]), default="none", show_default=True,
                  help="stream: decoder layers in pinned CPU memory, prefetched to the device layer by layer."),
-])
+)
 
-
-def make_placement(device, max_memory, offload_folder, offload):
-    from specexec.verifier.placement import Placement
-    try:
-        return Placement(device, max_memory, offload_folder, offload)
-    except ValueError as err:
-        raise click.BadParameter(str(err))
-
-
-def placement_args(p) -> tuple[str, ...]:
-    args = ("--device", p.device, "--offload", p.offload)
-    if p.max_memory:
-        args += ("--max-memory", p.max_memory)
-    if p.offload_folder:
-        args += ("--offload-folder", p.offload_folder)
-    return args
-
-
-link_options = _options([
+link_options = option_group(
+    "link", LinkOptions,
     click.option("--connect", default=None, metavar="ADDRESS",
                  help="Use the verifier at ADDRESS (e.g. tcp://gpu-box:5555) instead of starting one."),
     click.option("--in-process", is_flag=True, help="Run the target in this process (no verifier process)."),
     click.option("--overlap/--no-overlap", default=None,
-                 help="Keep drafting while the target verifies. Default: on when the verifier has hardware of "
-                      "its own (--connect, or a CUDA device); off when both share this CPU, where it measured "
-                      "slower (each side gets half the cores)."),
+                 help="Keep drafting while the target verifies. Default: on when the verifier does not compute "
+                      "on this CPU all the time (--connect, a CUDA device, or an offloaded target); off when "
+                      "both share this CPU."),
     click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
                  help="Shared HMAC key for --connect."),
     click.option("--curve-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -126,78 +153,28 @@ link_options = _options([
                  help="Seconds without a connection to the verifier before giving up."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="Torch threads per process (default: 1 each with overlap, else all cores)."),
-])
-
-
-def resolve_overlap(overlap, connect, placement) -> bool:
-    """Unset: overlap when the verifier computes on hardware of its own."""
-    if overlap is not None:
-        return overlap
-    return bool(connect) or (placement is not None and placement.compute_device != "cpu")
-
-
-def build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
-                      branch_width, max_depth, overlap=False):
-    from specexec.drafter.session import RunOptions
-    auto = budget == "auto"
-    tree = TreeConfig(method=method, budget=0 if method == "autoregressive" else DEFAULT_BUDGET if auto else budget,
-                      max_n_beams=max_n_beams, branch_width=branch_width, max_depth=max_depth)
-    return RunOptions(tree, SamplingParams(temperature, top_p, seed), max_new_tokens, overlap, auto)
-
-
-def _read_key(key_file):
-    from specexec.protocol.framing import load_key
-    if key_file:
-        try:
-            return load_key(key_file)
-        except ValueError as err:
-            _fail(str(err))
-    env = os.environ.get("SPECEXEC_HMAC_KEY")
-    return env.encode() if env else None
+)
 
 
 @contextlib.contextmanager
-def open_pipeline(draft, target, method, dtype, connect=None, in_process=False, overlap=True, key_file=None,
-                  curve_dir=None, timeout_s=60.0, threads=None, budget_auto=False, simulate_bus_gbps=None,
-                  placement=None, draft_dtype="auto"):
-    """The pipeline `generate`, `chat` and `bench` run on: in-process, a verifier at --connect, or
-    (default) a verifier process started here over ipc and stopped afterwards."""
-    import torch
-    from specexec.launch.pipeline import LocalPipeline
-    from specexec.launch.remote_pipeline import LocalVerifier, RemotePipeline, VerifierStartError
-    from specexec.protocol.link import LinkError
-    from specexec.verifier.placement import Placement
-    placement = placement or Placement()
-    if connect and placement != Placement():
-        _fail("placement options (--device, --max-memory, --offload...) belong to the verifier: pass them to "
-              "`specexec serve`, not to a drafter using --connect")
-    # a verifier started here shares this CPU: with overlap, each process gets one core
-    threads = threads or (1 if overlap and not in_process and not connect else None)
-    if threads:
-        torch.set_num_threads(threads)
-    needs_draft = method != "autoregressive"
+def pipeline(models: ModelOptions, link: LinkOptions, placement: PlacementOptions, needs_draft: bool = True,
+             budget_auto: bool = False, simulate_bus_gbps: float | None = None):
+    """The drafter's pipeline for a command, with its set-up errors as one-line CLI errors."""
+    from specexec.launch.drafting import PipelineError, open_pipeline
     try:
-        draft_path = model_store.resolve(draft, model_store.DRAFT) if needs_draft else None
-        if in_process:
-            yield LocalPipeline(model_store.resolve(target, model_store.TARGET), draft_path, dtype, simulate_bus_gbps,
-                                placement, draft_dtype)
-            return
-        if connect:
-            tokenizer_path = draft_path or model_store.resolve(draft, model_store.DRAFT)
-            yield RemotePipeline(connect, draft_path, tokenizer_path, dtype, _read_key(key_file), curve_dir, timeout_s,
-                                 draft_dtype)
-            return
-        target_path = model_store.resolve(target, model_store.TARGET)
-        extra = (("--budget", "auto") if budget_auto else ()) + (
-            ("--simulate-bus-gbps", str(simulate_bus_gbps)) if simulate_bus_gbps else ()) + placement_args(placement)
-        with LocalVerifier(target_path, dtype, threads, extra) as verifier:
-            yield RemotePipeline(verifier.address, draft_path, draft_path or target_path, dtype, verifier.key,
-                                 None, timeout_s, draft_dtype)
-    except (model_store.ModelStoreError, ValueError, LinkError, VerifierStartError) as err:
+        with open_pipeline(models, link, placement, needs_draft, budget_auto, simulate_bus_gbps) as pipe:
+            yield pipe
+    except PipelineError as err:
         _fail(str(err))
 
 
+def overlap_for(link: LinkOptions, placement: PlacementOptions) -> bool:
+    from specexec.launch.drafting import resolve_overlap
+    return resolve_overlap(link, placement)
+
+
 @click.group()
+@click.version_option(package_name="specexec", prog_name="specexec")
 def main():
     """SpecExec speculative decoding: a draft tree per round, verified by the target in one pass."""
 
@@ -206,22 +183,17 @@ def main():
 @click.argument("prompt")
 @model_options
 @tree_options
+@max_new_tokens_option
 @sampling_options
 @link_options
 @placement_options
 @click.option("--chat/--raw", default=None,
               help="Apply the target's chat template (default: when there is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(prompt, draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens,
-             temperature, top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device,
-             max_memory, offload_folder, offload, chat, as_json):
+def generate(prompt, models, tree, max_new_tokens, sampling, link, placement, chat, as_json):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
-    placement = make_placement(device, max_memory, offload_folder, offload)
-    overlap = resolve_overlap(overlap, connect, placement)
-    options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
-                                branch_width, max_depth, overlap)
-    with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, options.budget_auto, placement=placement, draft_dtype=draft_dtype) as pipe:
+    options = tree.run_options(sampling, max_new_tokens, overlap_for(link, placement))
+    with pipeline(models, link, placement, tree.config.method != "autoregressive", tree.auto) as pipe:
         try:
             prompt_ids = pipe.encode(prompt, chat)
         except ValueError as err:
@@ -232,6 +204,7 @@ def generate(prompt, draft, target, dtype, draft_dtype, method, budget, max_n_be
 
 def run_one(pipe, prompt_ids, options, as_json) -> int:
     """Generate, streaming text (or collecting JSON); a lost verifier or Ctrl-C keeps what was made."""
+    from specexec.drafter.streaming import TextStream
     stream = TextStream(pipe.tokenizer, pipe.stop_ids)
     emitted: list[int] = []
 
@@ -283,60 +256,66 @@ def format_stats(s: dict) -> str:
 @main.command()
 @model_options
 @tree_options
+@max_new_tokens_option
 @sampling_options
 @link_options
 @placement_options
-def chat(draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_width, max_depth, max_new_tokens, temperature,
-         top_p, seed, connect, in_process, overlap, key_file, curve_dir, timeout_s, threads, device, max_memory,
-         offload_folder, offload):
+def chat(models, tree, max_new_tokens, sampling, link, placement):
     """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
-    from specexec.launch.pipeline import encode_chat
-    placement = make_placement(device, max_memory, offload_folder, offload)
-    overlap = resolve_overlap(overlap, connect, placement)
-    options = build_run_options(method, budget, max_new_tokens, temperature, top_p, seed, max_n_beams,
-                                branch_width, max_depth, overlap)
-    with open_pipeline(draft, target, method, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, options.budget_auto, placement=placement, draft_dtype=draft_dtype) as pipe:
-        template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
-        history: list[dict] = []
-        while True:
-            try:
-                line = input("you> ").strip()
-            except (EOFError, KeyboardInterrupt):
-                break
-            if not line:
-                break
-            history.append({"role": "user", "content": line})
-            try:
-                prompt_ids = encode_chat(pipe.tokenizer, history, template)
-            except ValueError as err:
-                _fail(str(err))
-            stream = TextStream(pipe.tokenizer, pipe.stop_ids)
-            sys.stdout.write("assistant> ")
-            try:
-                result = pipe.generate(prompt_ids, options,
-                                       lambda toks: (sys.stdout.write(stream.push(toks)), sys.stdout.flush()),
-                                       context="chat")
-            except KeyboardInterrupt:
-                sys.stdout.write("\n[interrupted]\n")
-                history.append({"role": "assistant", "content": stream.text()})
-                continue
-            sys.stdout.write("\n")
-            click.echo(format_stats(result.stats.summary()), err=True)
+    options = tree.run_options(sampling, max_new_tokens, overlap_for(link, placement))
+    with pipeline(models, link, placement, tree.config.method != "autoregressive", tree.auto) as pipe:
+        chat_loop(pipe, options)
+
+
+def chat_loop(pipe, options) -> None:
+    from specexec.drafter.streaming import TextStream
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        try:
+            prompt_ids = pipe.encode_chat(history)
+        except ValueError as err:
+            _fail(str(err))
+        stream = TextStream(pipe.tokenizer, pipe.stop_ids)
+        sys.stdout.write("assistant> ")
+        try:
+            result = pipe.generate(prompt_ids, options,
+                                   lambda toks: (sys.stdout.write(stream.push(toks)), sys.stdout.flush()),
+                                   context="chat")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n[interrupted]\n")
             history.append({"role": "assistant", "content": stream.text()})
-            if result.error:
-                click.echo(f"[stopped: {result.error}]", err=True)
-                break
-            if result.context_full:
-                click.echo("[the target's context is full: start a new chat]", err=True)
-                break
+            continue
+        sys.stdout.write("\n")
+        click.echo(format_stats(result.stats.summary()), err=True)
+        history.append({"role": "assistant", "content": stream.text()})
+        if result.error:
+            click.echo(f"[stopped: {result.error}]", err=True)
+            break
+        if result.context_full:
+            click.echo("[the target's context is full: start a new chat]", err=True)
+            break
+
+
+def _read_key(key_file):
+    from specexec.launch.drafting import read_key
+    try:
+        return read_key(key_file)
+    except ValueError as err:
+        _fail(str(err))
 
 
 @main.command()
 @click.option("--target", default=None, metavar="MODEL")
 @click.option("--bind", default=DEFAULT_BIND, show_default=True,
               help="Where to listen: tcp://HOST:PORT or ipc://PATH. Loopback unless told otherwise.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True)
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Shared HMAC key: every message must be signed with it.")
 @click.option("--curve-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -346,7 +325,7 @@ def chat(draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_
 @click.option("--max-sessions", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-cached-tokens", type=click.IntRange(min=1), default=1 << 18, show_default=True,
               help="KV cache budget over all sessions; least recently used sessions are evicted.")
-@click.option("--idle-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+@click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds after which an idle session's cache is freed.")
 @click.option("--budget", type=click.Choice(["auto"]), default=None,
               help="auto: profile the forward cost at start-up so drafters can use --budget auto.")
@@ -354,23 +333,18 @@ def chat(draft, target, dtype, draft_dtype, method, budget, max_n_beams, branch_
               help="After each forward, wait as long as moving the weights over a bus of this speed takes.")
 @placement_options
 @click.option("--exit-with-parent", is_flag=True, hidden=True)
-def serve(target, bind, dtype, key_file, curve_dir, insecure, threads, max_sessions, max_cached_tokens,
-          idle_timeout, budget, simulate_bus_gbps, device, max_memory, offload_folder, offload, exit_with_parent):
+def serve(target, key_file, budget, **options):
     """Host the target model for drafters on the network (or on this machine)."""
-    from specexec.launch.serve import ServeOptions, serve as run_server
+    import zmq
+    from specexec.launch.serving import ServeOptions, serve as run_server
     try:
-        target_path = model_store.resolve(target, model_store.TARGET)
-        options = ServeOptions(target_path, bind, dtype, _read_key(key_file), curve_dir, insecure, threads,
-                               max_sessions, max_cached_tokens, idle_timeout, exit_with_parent=exit_with_parent,
-                               profile=budget == "auto", simulate_bus_gbps=simulate_bus_gbps,
-                               placement=make_placement(device, max_memory, offload_folder, offload))
-        run_server(options)
+        settings = ServeOptions(model_store.resolve(target, model_store.TARGET), key=_read_key(key_file),
+                                profile=budget == "auto", **options)
+        run_server(settings)
     except (model_store.ModelStoreError, ValueError) as err:
         _fail(str(err))
-    except Exception as err:  # zmq bind errors and the like
-        if type(err).__name__ == "ZMQError":
-            _fail(f"cannot bind {bind}: {err}")
-        raise
+    except zmq.ZMQError as err:
+        _fail(f"cannot bind {options['bind']}: {err}")
 
 
 def _csv(kind):
@@ -422,9 +396,8 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
               help="Write a PNG: gen_rate and tokens/s against budget.")
 @link_options
 @placement_options
-def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
-          max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, connect, in_process, overlap, key_file,
-          curve_dir, timeout_s, threads, device, max_memory, offload_folder, offload):
+def bench(models, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
+          max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, link, placement):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from specexec.launch import bench as benchmod
     from specexec.launch import prompts as promptmod
@@ -434,9 +407,11 @@ def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tok
                                  param_hint="--methods")
     if any(t < 0 for t in temperatures):
         raise click.BadParameter("temperatures must be >= 0", param_hint="--temperatures")
-    if simulate_bus_gbps and connect:
+    if simulate_bus_gbps and link.connect:
         raise click.BadParameter("--simulate-bus-gbps applies to a verifier started here; pass it to "
                                  "`specexec serve` instead", param_hint="--simulate-bus-gbps")
+    if simulate_bus_gbps and "hf-assisted" in methods:
+        raise click.BadParameter("hf-assisted cannot be run with --simulate-bus-gbps", param_hint="--methods")
     sets = {}
     for name in prompt_sets.split(","):
         try:
@@ -445,25 +420,16 @@ def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tok
             raise click.BadParameter(str(err), param_hint="--prompts")
     spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed,
                               max_depth=max_depth)
-    any_draft = "specexec" if any(m != "autoregressive" for m in methods) else "autoregressive"
+    shape = TreeConfig(max_n_beams=max_n_beams, branch_width=branch_width, max_depth=max_depth)
+    needs_draft = any(m != "autoregressive" for m in methods)
     simulated = f" (simulated bus {simulate_bus_gbps:g} GB/s)" if simulate_bus_gbps else ""
-    placement = make_placement(device, max_memory, offload_folder, offload)
-    overlap = resolve_overlap(overlap, connect, placement)
-    with open_pipeline(draft, target, any_draft, dtype, connect, in_process, overlap, key_file, curve_dir,
-                       timeout_s, threads, "auto" in budgets, simulate_bus_gbps, placement, draft_dtype) as pipe:
-        template = getattr(getattr(pipe, "welcome", None), "chat_template", None)
-        ids = {name: [p.render(pipe.tokenizer, chat_template=template) for p in ps] for name, ps in sets.items()}
+    overlap = overlap_for(link, placement)
+    with pipeline(models, link, placement, needs_draft, "auto" in budgets, simulate_bus_gbps) as pipe:
+        ids = {name: [p.render(pipe.tokenizer, chat_template=pipe.chat_template) for p in ps]
+               for name, ps in sets.items()}
         pids = {name: [p.id for p in ps] for name, ps in sets.items()}
-        hf = _hf_runner(pipe, target, dtype, simulate_bus_gbps) if "hf-assisted" in methods else None
-
-        def runner(prompt_ids, method, budget, temperature, context=None):
-            t_p = top_p if temperature > 0 else 1.0
-            if method == "hf-assisted":
-                return hf(prompt_ids, max_new_tokens, SamplingParams(temperature, t_p, seed))
-            options = build_run_options(method, budget, max_new_tokens, temperature, t_p, seed, max_n_beams,
-                                        branch_width, max_depth, overlap)
-            return pipe.generate(prompt_ids, options, context=context)
-
+        hf_target = _hf_target(pipe, models) if "hf-assisted" in methods else None
+        runner = benchmod.make_runner(pipe, spec, shape, overlap, hf_target)
         with open(out, "w") if out else contextlib.nullcontext() as sink:
             records = benchmod.run_bench(runner, ids, pids, spec,
                                          (lambda r: (sink.write(r.to_json() + "\n"), sink.flush())) if sink else None)
@@ -477,41 +443,31 @@ def bench(draft, target, dtype, draft_dtype, prompt_sets, n_prompts, max_new_tok
         click.echo(f"plot: {plot}")
 
 
-def _hf_runner(pipe, target, dtype, simulate_bus_gbps):
-    """transformers' assisted generation on the same models (the target loaded here if it is remote)."""
-    from specexec.launch import hf_assisted
-    from specexec.launch.pipeline import load_causal_lm, resolve_dtype
-    if simulate_bus_gbps:
-        raise click.BadParameter("hf-assisted cannot be run with --simulate-bus-gbps", param_hint="--methods")
-    target_model = getattr(getattr(pipe, "target", None), "model", None)
-    if target_model is None:
-        path = model_store.resolve(target, model_store.TARGET)
-        target_model = load_causal_lm(path, resolve_dtype(dtype, path))
-
-    def run(prompt_ids, max_new_tokens, sampling):
-        return hf_assisted.generate(target_model, pipe.draft.model, prompt_ids, max_new_tokens, sampling,
-                                    pipe.stop_ids)
-    return run
+def _hf_target(pipe, models: ModelOptions):
+    """The target for transformers' assisted generation: the pipeline's, or loaded here if it is remote."""
+    if pipe.target_model is not None:
+        return pipe.target_model
+    from specexec.launch.loading import load_causal_lm, resolve_dtype
+    path = model_store.resolve(models.target, model_store.TARGET)
+    return load_causal_lm(path, resolve_dtype(models.dtype, path))
 
 
 @main.command("bench-wire")
 @click.option("--sizes", default="64,256,1024", show_default=True, callback=_csv(int))
 @click.option("--trials", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--target", default=None, metavar="MODEL", help="Target whose forward time the wire is compared to.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True)
 @click.option("--no-forward", is_flag=True, help="Only time the wire.")
 def bench_wire(sizes, trials, target, dtype, no_forward):
     """Per-round transport cost (encode + send + receive + decode) for trees of given sizes."""
     from specexec.launch import wire_bench
     rows = wire_bench.measure(sizes, trials)
     if not no_forward:
-        from specexec.launch.pipeline import load_causal_lm, resolve_dtype
-        from specexec.verifier.target_model import TargetModel
+        from specexec.launch.serving import target_for_timing
         try:
-            path = model_store.resolve(target, model_store.TARGET)
+            model = target_for_timing(model_store.resolve(target, model_store.TARGET), dtype)
         except model_store.ModelStoreError as err:
             _fail(str(err))
-        model = TargetModel(load_causal_lm(path, resolve_dtype(dtype, path)))
         for row in rows:
             row.forward_ms = wire_bench.target_forward_ms(model, row.nodes)
     click.echo(wire_bench.format_rows(rows))
@@ -519,7 +475,7 @@ def bench_wire(sizes, trials, target, dtype, no_forward):
 
 @main.command()
 @click.option("--target", default=None, metavar="MODEL")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True)
 @click.option("--sizes", default="1,4,16,64,256,1024", show_default=True, callback=_csv(int))
 @click.option("--prefix", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tokens already in the KV cache when the tree arrives.")
@@ -527,41 +483,21 @@ def bench_wire(sizes, trials, target, dtype, no_forward):
 @click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None)
 @placement_options
-def profile(target, dtype, sizes, prefix, threads, simulate_bus_gbps, plot, device, max_memory, offload_folder,
-            offload):
+def profile(target, plot, **options):
     """The target's forward time against the number of tokens, in the chosen placement."""
-    import torch
-    from specexec.launch.pipeline import load_target
     from specexec.launch.profile_cache import format_curve
-    from specexec.verifier.placement import peak_rss_mb, report
-    from specexec.verifier.profile import forward_curve
-    from specexec.verifier.target_model import TargetModel
-    if threads:
-        torch.set_num_threads(threads)
-    placement = make_placement(device, max_memory, offload_folder, offload)
+    from specexec.launch.serving import ProfileOptions, profile as run_profile
+    from specexec.verifier.placement import peak_rss_mb
     try:
-        path = model_store.resolve(target, model_store.TARGET)
-        model = load_target(path, dtype, placement)
+        result = run_profile(ProfileOptions(model_store.resolve(target, model_store.TARGET), **options))
     except (model_store.ModelStoreError, ValueError) as err:
         _fail(str(err))
-    click.echo(report(model))
-    curve = forward_curve(TargetModel(model, simulate_bus_gbps), sizes, prefix)
-    title = f"target forward cost ({placement.describe()}{', simulated bus' if simulate_bus_gbps else ''})"
-    click.echo(format_curve(curve, title))
+    click.echo(result.placement_text)
+    click.echo(format_curve(result.curve, result.title))
     click.echo(f"peak resident memory: {peak_rss_mb():.0f} MiB")
     if plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(list(curve), [v * 1e3 for v in curve.values()], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens in the forward (1 appended + tree)")
-        ax.set_ylabel("ms per forward")
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(plot, dpi=110)
+        from specexec.launch.bench_plot import plot_curve
+        plot_curve(result.curve, result.title, plot)
         click.echo(f"plot: {plot}")
 
 

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from specexec.launch.serve import READY_LINE
+from specexec.launch.options import READY_LINE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -104,7 +104,7 @@ def remote_run_curve(address, draft, keys):
 
 def test_serve_binds_an_open_address_only_with_insecure(tmp_path):
     import sys
-    from specexec.launch.serve import READY_LINE
+    from specexec.launch.options import READY_LINE
     from processes import ROOT
     from tiny_models import save_tiny_pair
     paths, _ = save_tiny_pair(tmp_path)

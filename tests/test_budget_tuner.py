@@ -1,7 +1,8 @@
 import pytest
 
-from specexec.drafter.budget_tuner import (BudgetEstimate, WarmupRound, accepted_within, choose, estimate, explain,
-                                  interpolate)
+from specexec.drafter.budget_tuner import (BudgetEstimate, BudgetTuners, WarmupRound, accepted_within, choose,
+                                           estimate, explain, interpolate)
+from specexec.drafter.session import RunOptions
 
 
 def test_interpolation():
@@ -44,3 +45,20 @@ def test_flat_target_cost_favours_big_trees():
 def test_ties_go_to_the_smaller_budget():
     a, b = BudgetEstimate(8, 2.0, 0.5, 0.5), BudgetEstimate(16, 2.0, 0.5, 0.5)
     assert choose([b, a]).budget == 8
+
+
+def _options(budget_auto=True, temperature=0.0):
+    from specexec.drafter.tree_config import TreeConfig
+    from specexec.protocol.sampling import SamplingParams
+    return RunOptions(TreeConfig("specexec", 64), SamplingParams(temperature, 1.0, 0), 16,
+                      budget_auto=budget_auto)
+
+
+def test_budget_tuners_are_kept_per_context_and_settings():
+    tuners = BudgetTuners(lambda: {1: 0.1}, lambda: {1: 0.01})
+    chat = tuners.for_run(_options(), "chat")
+    assert tuners.for_run(_options(), "chat") is chat  # a chat warms up once
+    assert tuners.for_run(_options(), "humaneval") is not chat
+    assert tuners.for_run(_options(temperature=0.6), "chat") is not chat
+    assert tuners.for_run(_options(), None) is not tuners.for_run(_options(), None)  # no context: fresh
+    assert tuners.for_run(_options(budget_auto=False), "chat") is None

@@ -111,7 +111,7 @@ def served_cli(tiny_pair, tmp_path):
     """`specexec serve` in its own process on a free loopback port, with a key file."""
     import subprocess
     import sys
-    from specexec.launch.serve import READY_LINE
+    from specexec.launch.options import READY_LINE
     from test_remote import free_port
     paths, _ = tiny_pair
     key = tmp_path / "hmac.key"

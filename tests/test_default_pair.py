@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from specexec.launch import model_store, prompts
-from specexec.launch.cli import build_run_options
+from specexec.drafter.session import RunOptions
+from specexec.drafter.tree_config import TreeConfig
+from specexec.launch.options import ModelOptions
+from specexec.protocol.sampling import SamplingParams
 from specexec.launch.pipeline import LocalPipeline
 
 pytestmark = pytest.mark.default_pair
@@ -24,7 +27,7 @@ CASES = [("oasst", i) for i in range(3)] + [("humaneval", i) for i in range(3)]
 def pipe():
     target = model_store.resolve(None, model_store.TARGET)
     draft = model_store.resolve(None, model_store.DRAFT)
-    return LocalPipeline(target, draft, dtype="float32")
+    return LocalPipeline(target, draft, ModelOptions(dtype="float32"))
 
 
 REFERENCE: dict = {}
@@ -58,7 +61,7 @@ def top2_gap(pipe, ids):
 def test_greedy_specexec_equals_target(pipe, set_name, index, budget):
     prompt_ids = prompts.load(set_name)[index].render(pipe.tokenizer)
     ref = target_greedy(pipe, prompt_ids, N_NEW)
-    got = pipe.generate(prompt_ids, build_run_options("specexec", budget, N_NEW, 0.0, 1.0, 0, 64, 16, 32)).token_ids
+    got = pipe.generate(prompt_ids, RunOptions(TreeConfig("specexec", budget), SamplingParams(), N_NEW)).token_ids
     if got == ref:
         return
     pos = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b) if got[:len(ref)] != ref[:len(got)] \

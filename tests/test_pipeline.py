@@ -1,49 +1,64 @@
+"""The one in-process join, the Pipeline interface both pipelines implement, and the rule that
+each process imports only its own side."""
+
+import json
+import subprocess
+import sys
+
 import pytest
-import torch
 
-from specexec.drafter.budget_tuner import BudgetTuners
 from specexec.drafter.session import RunOptions
-from specexec.launch import pipeline
-from tiny_models import tiny_lm
+from specexec.drafter.tree_config import TreeConfig
+from specexec.launch.drafting import RemotePipeline
+from specexec.launch.options import ModelOptions
+from specexec.launch.pipeline import LocalPipeline, Pipeline
+from specexec.protocol.sampling import SamplingParams
+from tiny_models import save_tiny_pair
+
+IMPORTS = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("specexec."))))
+"""
 
 
-@pytest.fixture(scope="module")
-def bf16_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bf16")
-    tiny_lm("qwen2").to(torch.bfloat16).save_pretrained(path)
-    return str(path)
+def loaded_by(module: str) -> list[str]:
+    """specexec modules a fresh interpreter holds after importing `module`."""
+    out = subprocess.run([sys.executable, "-c", IMPORTS, module], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float32)])
-def test_auto_dtype_keeps_bf16_only_where_it_is_computed_natively(bf16_checkpoint, monkeypatch, native, want):
-    monkeypatch.setattr(pipeline, "computes_bf16", lambda device: native)
-    assert pipeline.resolve_dtype("auto", bf16_checkpoint) == want
+def test_the_verifier_process_never_imports_the_drafter():
+    modules = loaded_by("specexec.launch.serving")
+    assert "specexec.verifier.server" in modules  # the check sees what was imported
+    assert not [m for m in modules if m.startswith("specexec.drafter")]
 
 
-def test_explicit_dtype_wins_and_unknown_is_refused(bf16_checkpoint):
-    assert pipeline.resolve_dtype("float32", bf16_checkpoint) == torch.float32
-    assert pipeline.resolve_dtype("bfloat16", bf16_checkpoint) == torch.bfloat16
-    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
-        pipeline.resolve_dtype("float8", bf16_checkpoint)
+def test_the_drafter_process_never_imports_the_verifier():
+    modules = loaded_by("specexec.launch.drafting")
+    assert "specexec.drafter.session" in modules
+    assert not [m for m in modules if m.startswith("specexec.verifier")]
 
 
-def test_float32_checkpoint_stays_float32(tmp_path):
-    tiny_lm("llama").save_pretrained(tmp_path)
-    assert pipeline.resolve_dtype("auto", str(tmp_path)) == torch.float32
+def test_only_the_pipeline_joins_both_sides():
+    modules = loaded_by("specexec.launch.pipeline")
+    assert any(m.startswith("specexec.drafter") for m in modules)
+    assert any(m.startswith("specexec.verifier") for m in modules)
 
 
-def _options(budget_auto=True, temperature=0.0):
-    from specexec.drafter.tree_search import TreeConfig
-    from specexec.protocol.sampling import SamplingParams
-    return RunOptions(TreeConfig("specexec", 64), SamplingParams(temperature, 1.0, 0), 16,
-                               budget_auto=budget_auto)
+def test_the_command_line_loads_no_model_code_until_a_command_runs():
+    modules = loaded_by("specexec.launch.cli")
+    heavy = [m for m in modules if m.startswith("specexec.verifier") or
+             (m.startswith("specexec.drafter.") and m != "specexec.drafter.tree_config")]
+    assert not heavy
 
 
-def test_budget_tuners_are_kept_per_context_and_settings():
-    tuners = BudgetTuners(lambda: {1: 0.1}, lambda: {1: 0.01})
-    chat = tuners.for_run(_options(), "chat")
-    assert tuners.for_run(_options(), "chat") is chat  # a chat warms up once
-    assert tuners.for_run(_options(), "humaneval") is not chat
-    assert tuners.for_run(_options(temperature=0.6), "chat") is not chat
-    assert tuners.for_run(_options(), None) is not tuners.for_run(_options(), None)  # no context: fresh
-    assert tuners.for_run(_options(budget_auto=False), "chat") is None
+def test_both_pipelines_implement_the_interface(tmp_path):
+    paths = save_tiny_pair(tmp_path)[0]
+    local = LocalPipeline(paths["target"], paths["draft"], ModelOptions(dtype="float32"))
+    assert isinstance(local, Pipeline)
+    for name in ("encode", "encode_chat", "generate", "close"):
+        assert callable(getattr(RemotePipeline, name))
+    prompt = local.encode("w10 w11 w12", chat=False)
+    result = local.generate(prompt, RunOptions(TreeConfig("specexec", 8), SamplingParams(), 6))
+    assert len(result.token_ids) == 6

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from harness import run
-from specexec.launch.pipeline import load_target
+from specexec.launch.serving import load_target
 from specexec.protocol.tree import ROOT, DraftTree
 from tiny_models import greedy_reference, perturbed, tiny_lm
 from specexec.verifier.placement import Placement, parse_max_memory, report

@@ -29,7 +29,7 @@ def boxes():
 
 
 def _serve(boxes, paths, key, port):
-    from specexec.launch.serve import READY_LINE
+    from specexec.launch.options import READY_LINE
     proc = boxes.popen(boxes.verifier, ["-m", "specexec.launch.cli", "serve", "--target", paths["target"], "--bind",
                                         f"tcp://{boxes.verifier_ip}:{port}", "--key-file", str(key),
                                         "--dtype", "float32"],

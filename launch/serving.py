@@ -1,4 +1,7 @@
-"""The verifier process: load the target, host sessions on a ROUTER socket until interrupted."""
+"""The verifier's process (`specexec serve`): load the target, host sessions until interrupted.
+
+Imports the verifier's side and the shared loading code, never the drafter's.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +14,24 @@ from urllib.parse import urlsplit
 
 import torch
 
-from specexec.launch.pipeline import load_target, load_tokenizer, stop_ids, target_curve
-from specexec.launch.profile_cache import format_curve
+from specexec.launch.loading import load_causal_lm, load_tokenizer, resolve_dtype, stop_ids
+from specexec.launch.options import DEFAULT_BIND, READY_LINE, PlacementOptions
+from specexec.launch.profile_cache import cached_curve, format_curve, profile_key
 from specexec.protocol.codec import Limits
 from specexec.protocol.fingerprint import tokenizer_fingerprint
+from specexec.verifier.layer_streamer import LayerStreamer
 from specexec.verifier.placement import Placement, report as placement_report
+from specexec.verifier.profile import forward_curve
 from specexec.verifier.server import ServerConfig, VerifierServer, VerifierService
 from specexec.verifier.target_model import TargetModel
 
-READY_LINE = "specexec verifier listening on"
+AUTO_SIZES = (1, 4, 16, 32, 64, 128, 256)  # forward sizes the budget tuner interpolates between
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     target_path: str
-    bind: str = "tcp://127.0.0.1:5555"
+    bind: str = DEFAULT_BIND
     dtype: str = "auto"
     key: bytes | None = None
     curve_dir: str | None = None
@@ -38,7 +44,28 @@ class ServeOptions:
     exit_with_parent: bool = False
     profile: bool = False  # measure the forward-cost curve at start-up (for drafters' --budget auto)
     simulate_bus_gbps: float | None = None
-    placement: Placement = Placement()
+    placement: PlacementOptions = PlacementOptions()
+
+
+def make_placement(options: PlacementOptions) -> Placement:
+    """The verifier's placement; ValueError names a bad option."""
+    return Placement(options.device, options.max_memory, options.offload_folder, options.offload)
+
+
+def load_target(path: str, dtype: str, placement: Placement) -> torch.nn.Module:
+    """The target, placed: on one device, spread by accelerate (memory caps, disk), or streamed."""
+    kwargs = placement.load_kwargs()
+    on_cpu = not kwargs and placement.offload == "none"
+    model = load_causal_lm(path, resolve_dtype(dtype, path, placement.compute_device), pack=on_cpu, **kwargs)
+    if placement.offload == "stream":
+        LayerStreamer(model, placement.compute_device)
+    return model
+
+
+def target_curve(target: TargetModel, path: str, placement: str = "cpu", sizes=AUTO_SIZES) -> dict[int, float]:
+    """The target's forward cost per size, measured once per (model, dtype, placement, threads)."""
+    key = profile_key(path, target.dtype, placement, sizes=list(sizes), bus=target.simulate_bus_gbps)
+    return cached_curve("target", key, lambda: forward_curve(target, sizes))
 
 
 def is_loopback(address: str) -> bool:
@@ -65,8 +92,9 @@ def check_exposure(options: ServeOptions) -> None:
 
 
 def build_service(options: ServeOptions) -> VerifierService:
+    placement = make_placement(options.placement)
     tokenizer = load_tokenizer(options.target_path)
-    model = load_target(options.target_path, options.dtype, options.placement)
+    model = load_target(options.target_path, options.dtype, placement)
     target = TargetModel(model, options.simulate_bus_gbps)
     print(placement_report(model), file=sys.stderr, flush=True)
     config = ServerConfig(bind=options.bind, key=options.key, curve_dir=options.curve_dir,
@@ -78,7 +106,7 @@ def build_service(options: ServeOptions) -> VerifierService:
                               model_name=str(getattr(model.config, "name_or_path", options.target_path)),
                               chat_template=getattr(tokenizer, "chat_template", None) or "")
     if options.profile:
-        service.forward_curve = target_curve(target, options.target_path, options.placement.describe())
+        service.forward_curve = target_curve(target, options.target_path, placement.describe())
         print(format_curve(service.forward_curve, "target forward cost"
                            + (" (simulated bus)" if options.simulate_bus_gbps else "")), file=sys.stderr)
     return service
@@ -104,3 +132,37 @@ def serve(options: ServeOptions) -> None:
         pass
     finally:
         server.close()
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    target_path: str
+    dtype: str = "auto"
+    sizes: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
+    prefix: int = 256
+    threads: int | None = None
+    simulate_bus_gbps: float | None = None
+    placement: PlacementOptions = PlacementOptions()
+
+
+@dataclass
+class ProfileResult:
+    placement_text: str
+    title: str
+    curve: dict[int, float]
+
+
+def profile(options: ProfileOptions) -> ProfileResult:
+    """`specexec profile`: the target's forward time against the number of tokens, as placed."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    placement = make_placement(options.placement)
+    model = load_target(options.target_path, options.dtype, placement)
+    curve = forward_curve(TargetModel(model, options.simulate_bus_gbps), options.sizes, options.prefix)
+    title = f"target forward cost ({placement.describe()}{', simulated bus' if options.simulate_bus_gbps else ''})"
+    return ProfileResult(placement_report(model), title, curve)
+
+
+def target_for_timing(path: str, dtype: str) -> TargetModel:
+    """The target on this CPU, for timing a forward beside something else (`bench-wire`)."""
+    return TargetModel(load_causal_lm(path, resolve_dtype(dtype, path)))
