@@ -55,7 +55,8 @@ class GenerationStats:
     verify_s: float = 0.0
     rounds: list[RoundStats] = field(default_factory=list)
     link: dict = field(default_factory=dict)  # bytes and codec time, when the verifier is remote
-    verifier_peak_rss_mb: float = 0.0  # as the verifier reports it
+    verifier_peak_rss_mb: float = 0.0  # as the verifier reports it, or its cgroup's peak
+    verifier_memory: str = "rss"  # where verifier_peak_rss_mb comes from: "rss" or "cgroup"
     @property
     def gen_rate(self) -> float:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
@@ -88,7 +89,7 @@ class GenerationStats:
             "mean_tree_size": round(sum(r.tree_size for r in self.rounds) / n, 2),
             "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
             "overlap_hit_rate": round(sum(r.reused > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
-            "verifier_peak_rss_mb": self.verifier_peak_rss_mb,
+            "verifier_peak_rss_mb": self.verifier_peak_rss_mb, "verifier_memory": self.verifier_memory,
             **self.link,
         }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -158,11 +159,11 @@ link_options = option_group(
 
 @contextlib.contextmanager
 def pipeline(models: ModelOptions, link: LinkOptions, placement: PlacementOptions, needs_draft: bool = True,
-             budget_auto: bool = False, simulate_bus_gbps: float | None = None):
+             budget_auto: bool = False, simulate_bus_gbps: float | None = None, cap=None):
     """The drafter's pipeline for a command, with its set-up errors as one-line CLI errors."""
     from specexec.launch.drafting import PipelineError, open_pipeline
     try:
-        with open_pipeline(models, link, placement, needs_draft, budget_auto, simulate_bus_gbps) as pipe:
+        with open_pipeline(models, link, placement, needs_draft, budget_auto, simulate_bus_gbps, cap) as pipe:
             yield pipe
     except PipelineError as err:
         _fail(str(err))
@@ -394,10 +395,15 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
               help="Write one JSON record per prompt and run (JSONL).")
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write a PNG: gen_rate and tokens/s against budget.")
+@click.option("--verifier-memory-cap", "memory_cap", default=None, metavar="SIZE",
+              help="Run the verifier started here in a memory cgroup of SIZE (e.g. 1800M) that counts the page "
+                   "cache, its model files dropped from the cache first: the offloaded regime measured honestly.")
+@click.option("--verifier-read-bps", "read_bps", type=click.IntRange(min=1), default=None,
+              help="With --verifier-memory-cap: throttle the verifier's reads from the model's disks (bytes/s).")
 @link_options
 @placement_options
 def bench(models, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
-          max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, link, placement):
+          max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, memory_cap, read_bps, link, placement):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from specexec.launch import bench as benchmod
     from specexec.launch import prompts as promptmod
@@ -424,7 +430,8 @@ def bench(models, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temp
     needs_draft = any(m != "autoregressive" for m in methods)
     simulated = f" (simulated bus {simulate_bus_gbps:g} GB/s)" if simulate_bus_gbps else ""
     overlap = overlap_for(link, placement)
-    with pipeline(models, link, placement, needs_draft, "auto" in budgets, simulate_bus_gbps) as pipe:
+    cap = _cap_options(memory_cap, read_bps, models, placement)
+    with pipeline(models, link, placement, needs_draft, "auto" in budgets, simulate_bus_gbps, cap) as pipe:
         ids = {name: [p.render(pipe.tokenizer, chat_template=pipe.chat_template) for p in ps]
                for name, ps in sets.items()}
         pids = {name: [p.id for p in ps] for name, ps in sets.items()}
@@ -441,6 +448,24 @@ def bench(models, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temp
         from specexec.launch.bench_plot import plot as draw
         draw(rows, plot, f"specexec bench{simulated}")
         click.echo(f"plot: {plot}")
+
+
+def _cap_options(memory_cap, read_bps, models: ModelOptions, placement: PlacementOptions):
+    """The cgroup for a verifier started here: the target's files and offload folder are what it streams."""
+    if memory_cap is None:
+        if read_bps:
+            raise click.BadParameter("needs --verifier-memory-cap", param_hint="--verifier-read-bps")
+        return None
+    from specexec.launch.memory_cap import CapOptions, parse_size
+    try:
+        parse_size(memory_cap)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--verifier-memory-cap")
+    paths = [model_store.resolve(models.target, model_store.TARGET)]
+    if placement.offload_folder:
+        os.makedirs(placement.offload_folder, exist_ok=True)
+        paths.append(placement.offload_folder)
+    return CapOptions(memory_cap, read_bps, tuple(paths))
 
 
 def _hf_target(pipe, models: ModelOptions):

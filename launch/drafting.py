@@ -31,6 +31,7 @@ from specexec.drafter.tree_search import TreeSearch
 from specexec.launch import model_store
 from specexec.launch.loading import DTYPES, encode_chat, encode_prompt, load_causal_lm, load_tokenizer, report, \
     resolve_dtype
+from specexec.launch.memory_cap import CapOptions, CapUnavailable, MemoryCap
 from specexec.launch.options import READY_LINE, LinkOptions, ModelOptions, PlacementOptions
 from specexec.launch.profile_cache import cached_curve, profile_key
 from specexec.protocol.fingerprint import tokenizer_fingerprint
@@ -131,8 +132,9 @@ class RemotePipeline:
 
     def __init__(self, address: str, draft_path: str | None, tokenizer_path: str, dtype: str = "auto",
                  key: bytes | None = None, curve_dir: str | None = None, timeout_s: float = 60.0,
-                 draft_dtype: str = "auto"):
+                 draft_dtype: str = "auto", cap: MemoryCap | None = None):
         self.address, self.key, self.curve_dir, self.timeout_s = address, key, curve_dir, timeout_s
+        self.cap = cap  # the cgroup of a verifier started here: its peak is the verifier's memory
         self.draft_path = draft_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
@@ -168,13 +170,19 @@ class RemotePipeline:
         """One continuation; `context` lets `--budget auto` keep its choice across related prompts."""
         session_id = uuid.uuid4().hex
         link = self._link(Hello(session_id, self.fingerprint, options.sampling, options.tree.rule))
+        if self.cap:
+            self.cap.reset_peak()
         try:
             link.open()
             drafter = draft_session(link, self.draft, self.tuners, options, context,
                                     self.welcome.max_context, session_id)
-            return drafter.generate(prompt_ids, on_tokens)
+            result = drafter.generate(prompt_ids, on_tokens)
         finally:
             link.close()
+        if self.cap:
+            result.stats.verifier_peak_rss_mb = round(self.cap.peak_bytes() / 2**20, 1)
+            result.stats.verifier_memory = "cgroup"
+        return result
 
     def close(self) -> None:
         """Nothing is held between generations (each opens and closes its own session)."""
@@ -184,7 +192,8 @@ class LocalVerifier:
     """`specexec serve` as a child process on a private ipc socket with a one-time HMAC key."""
 
     def __init__(self, target_path: str, dtype: str = "auto", threads: int | None = None,
-                 extra_args: tuple[str, ...] = (), startup_timeout_s: float = 600.0):
+                 extra_args: tuple[str, ...] = (), startup_timeout_s: float = 600.0,
+                 cap: CapOptions | None = None):
         self.dir = tempfile.mkdtemp(prefix="specexec-")
         os.chmod(self.dir, 0o700)
         self.key = secrets.token_hex(32).encode()
@@ -194,7 +203,9 @@ class LocalVerifier:
         if threads:
             cmd += ["--threads", str(threads)]
         env = dict(os.environ, **{KEY_ENV: self.key.decode()})
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.cap = MemoryCap.create(cap) if cap else None  # before the process, which then starts inside it
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=(lambda: self.cap.add(os.getpid())) if self.cap else None)
         self._stderr: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self._wait_ready(startup_timeout_s)
@@ -227,6 +238,8 @@ class LocalVerifier:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.cap:
+            self.cap.close()
 
     def __enter__(self):
         return self
@@ -254,13 +267,17 @@ def drafter_threads(link: LinkOptions, overlap: bool) -> int | None:
 @contextlib.contextmanager
 def open_pipeline(models: ModelOptions, link: LinkOptions, placement: PlacementOptions = PlacementOptions(),
                   needs_draft: bool = True, budget_auto: bool = False,
-                  simulate_bus_gbps: float | None = None) -> Iterator:
+                  simulate_bus_gbps: float | None = None, cap: CapOptions | None = None) -> Iterator:
     """The pipeline `generate`, `chat`, `bench` and the API run on: a verifier at --connect,
     the target in this process (--in-process), or (default) a verifier process started here
-    over ipc and stopped afterwards. Raises PipelineError naming what is wrong."""
+    over ipc and stopped afterwards, inside the memory cgroup `cap` if one is given. Raises
+    PipelineError naming what is wrong."""
     if link.connect and not placement.is_default:
         raise PipelineError("placement options (--device, --max-memory, --offload...) belong to the verifier: "
                             "pass them to `specexec serve`, not to a drafter using --connect")
+    if cap and (link.connect or link.in_process):
+        raise PipelineError("a memory cap applies to a verifier started here: cap a `specexec serve` with "
+                            "your own tools, or drop --connect/--in-process")
     overlap = resolve_overlap(link, placement)
     threads = drafter_threads(link, overlap)
     if threads:
@@ -278,8 +295,8 @@ def open_pipeline(models: ModelOptions, link: LinkOptions, placement: PlacementO
         else:
             target_path = model_store.resolve(models.target, model_store.TARGET)
             with LocalVerifier(target_path, models.dtype, threads,
-                               verifier_args(budget_auto, simulate_bus_gbps, placement)) as verifier:
+                               verifier_args(budget_auto, simulate_bus_gbps, placement), cap=cap) as verifier:
                 yield RemotePipeline(verifier.address, draft_path, draft_path or target_path, models.dtype,
-                                     verifier.key, None, link.timeout_s, models.draft_dtype)
-    except (model_store.ModelStoreError, ValueError, LinkError) as err:
+                                     verifier.key, None, link.timeout_s, models.draft_dtype, verifier.cap)
+    except (model_store.ModelStoreError, ValueError, LinkError, CapUnavailable) as err:
         raise PipelineError(str(err)) from err
