@@ -38,7 +38,7 @@ class RunOptions:
 class RoundStats:
     tree_size: int
     tree_depth: int
-    emitted: int
+    accepted: int  # tokens emitted this round, the bonus included
     reused: int  # nodes carried over from the previous round's search (overlap hits)
     draft_s: float
     verify_s: float
@@ -74,7 +74,7 @@ class GenerationStats:
         seconds = sum(r.draft_s + r.verify_s for r in later)
         if not seconds:
             return None
-        return sum(r.emitted for r in later) / seconds
+        return sum(r.accepted for r in later) / seconds
 
     def summary(self) -> dict:
         """The `stats` object of `generate --json` (the first nine keys are the documented ones)."""

@@ -55,13 +55,14 @@ class Record:
     prompt_set: str
     prompt_id: str
     stats: dict
-    rounds: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)  # per round: tree_size, tree_depth, accepted, draft_s, ...
     token_ids: list = field(default_factory=list)
+    template: str = "raw"  # how the prompt was rendered: "raw" text or the target's "chat" template
 
     def to_json(self) -> str:
         return json.dumps({"method": self.method, "budget": self.budget, "temperature": self.temperature,
-                           "prompt_set": self.prompt_set, "prompt_id": self.prompt_id, "stats": self.stats,
-                           "token_ids": self.token_ids})
+                           "prompt_set": self.prompt_set, "prompt_id": self.prompt_id, "template": self.template,
+                           "stats": self.stats, "rounds": self.rounds, "token_ids": self.token_ids})
 
 
 # A runner turns (prompt ids, method, budget, temperature, context) into a GenerationResult-like
@@ -71,7 +72,8 @@ Runner = Callable[[list[int], str, int, float, "str | None"], object]
 
 
 def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_ids: dict[str, list[str]],
-              spec: BenchSpec, sink: Callable[[Record], None] | None = None) -> list[Record]:
+              spec: BenchSpec, sink: Callable[[Record], None] | None = None,
+              templates: dict[str, str] | None = None) -> list[Record]:
     configs = spec.configs()
     total = len(spec.temperatures) * sum(len(v) for v in prompt_sets.values()) * len(configs)
     if spec.warmup:
@@ -87,7 +89,8 @@ def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_id
                     bar.set_postfix_str(f"{set_name}/{pid} {method} {budget} t={temperature}")
                     result = runner(ids, method, budget, temperature, set_name)
                     rec = Record(method, budget, temperature, set_name, pid, result.stats.summary(),
-                                 result.stats.rounds_table(), list(result.token_ids))
+                                 result.stats.rounds_table(), list(result.token_ids),
+                                 (templates or {}).get(set_name, "raw"))
                     records.append(rec)
                     if sink:
                         sink(rec)
@@ -96,7 +99,7 @@ def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_id
     return records
 
 
-COLUMNS = ("set", "method", "budget", "temp", "gen_rate", "tok/s", "decode tok/s", "draft s/rnd",
+COLUMNS = ("set", "method", "budget", "temp", "gen_rate", "gen_rate ref", "tok/s", "decode tok/s", "draft s/rnd",
            "verify s/rnd", "tree size", "tree depth", "hit rate", "speedup", "decode speedup")
 
 
@@ -104,7 +107,7 @@ def summarize(records: Iterable[Record]) -> list[dict]:
     """One row per (prompt set, method, budget, temperature), means over prompts."""
     groups: dict[tuple, list[Record]] = {}
     for r in records:
-        groups.setdefault((r.prompt_set, r.method, r.budget, r.temperature), []).append(r)
+        groups.setdefault((f"{r.prompt_set} ({r.template})", r.method, r.budget, r.temperature), []).append(r)
     rows = []
     for (set_name, method, budget, temp), recs in groups.items():
         s = [r.stats for r in recs]
@@ -114,6 +117,7 @@ def summarize(records: Iterable[Record]) -> list[dict]:
         rows.append({
             "set": set_name, "method": method, "budget": budget, "temp": temp,
             "gen_rate": new / rounds if rounds else 0.0,
+            "gen_rate ref": reference_gen_rate(recs),
             "tok/s": new / wall if wall else 0.0,
             "decode tok/s": _mean_or_none(x["decode_tokens_per_s"] for x in s),
             "draft s/rnd": sum(x["draft_s"] for x in s) / rounds,
@@ -132,6 +136,20 @@ def summarize(records: Iterable[Record]) -> list[dict]:
     order = {m: i for i, m in enumerate(["specexec", "specinfer", "chain", "hf-assisted", BASELINE])}
     rows.sort(key=lambda r: (r["set"], r["temp"], order.get(r["method"], 9), str(r["budget"]).zfill(6)))
     return rows
+
+
+def reference_gen_rate(records: Iterable[Record]) -> float | None:
+    """gen_rate counted the SpecExec reference's way: per prompt, the first round (the prefill)
+    dropped and a final stop token not counted, tokens over target passes; then the mean over
+    prompts. None when no prompt ran past its first round (or rounds were not recorded)."""
+    rates = []
+    for r in records:
+        later = r.rounds[1:]
+        if not later:
+            continue
+        tokens = sum(x["accepted"] for x in later) - (r.stats.get("finish_reason") == "stop")
+        rates.append(tokens / len(later))
+    return statistics.fmean(rates) if rates else None
 
 
 def _mean_or_none(values):

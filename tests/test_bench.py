@@ -88,3 +88,23 @@ def test_chain_budgets_past_the_depth_limit_run_once():
     assert spec.configs() == [("specexec", 16), ("specexec", 32), ("specexec", 64), ("specexec", 256),
                               ("specexec", "auto"), ("chain", 16), ("chain", 32), ("chain", "auto"),
                               ("autoregressive", 0)]
+
+
+def test_jsonl_keeps_every_round_and_the_template(bench_run):
+    _, out = bench_run
+    records = [json.loads(line) for line in (out / "r.jsonl").read_text().splitlines()]
+    ours = [r for r in records if r["method"] != "hf-assisted"]
+    for r in ours:
+        assert r["template"] == "raw" and r["rounds"]
+        assert {"tree_size", "tree_depth", "accepted", "draft_s", "verify_s"} <= set(r["rounds"][0])
+        assert sum(x["accepted"] for x in r["rounds"]) == r["stats"]["new_tokens"] == len(r["token_ids"])
+
+
+def test_reference_gen_rate_drops_the_first_round_and_the_stop_token_and_averages_prompts():
+    def rec(accepted, reason):
+        rounds = [{"accepted": a} for a in accepted]
+        return bench.Record("specexec", 8, 0.0, "s", "p", {"finish_reason": reason}, rounds)
+    # prompt 1: rounds after the first emit 4+2 = 6 tokens in 2 passes, the last one a stop token: 5/2
+    # prompt 2: 3+3+3 in 3 passes, stopped by length: 3
+    assert bench.reference_gen_rate([rec([9, 4, 2], "stop"), rec([1, 3, 3, 3], "length")]) == pytest.approx(2.75)
+    assert bench.reference_gen_rate([rec([5], "stop")]) is None  # nothing after the prefill round

@@ -50,3 +50,15 @@ def test_bad_files_are_named(tmp_path, content, message):
     bad.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object with a 'prompt' field"):
         prompts.load(str(bad))
+
+
+def test_templates_feed_humaneval_raw_and_chat_sets_through_the_chat_template():
+    he = prompts.load("humaneval")[0]
+    assert he.resolve("auto") == "raw" and he.text.startswith("from typing import List")
+    oasst = prompts.load("oasst")[0]
+    assert oasst.resolve("auto") == "chat" and oasst.text.startswith("[INST] <<SYS>>")
+    tok = tiny_tokenizer()
+    assert he.render(tok) == tok(he.text)["input_ids"]  # raw: the bare function, no chat wrapping
+    assert oasst.render(tok, "raw") == tok(oasst.text)["input_ids"]  # the reference's own layout
+    with pytest.raises(ValueError, match="unknown template 'jinja'"):
+        he.render(tok, "jinja")
