@@ -75,11 +75,16 @@ class DiskPlan:
 
 
 def plan_layers(n_layers: int, fixed_bytes: int, layer_bytes: int, file_bytes: int, budget: int,
-                ring: int = RING) -> DiskPlan:
-    """The most resident layers (the last ones) whose bytes, with the ring's, fit `budget`."""
+                ring: int = RING, resident: int | None = None) -> DiskPlan:
+    """The most resident layers (the last ones) whose bytes, with the ring's, fit `budget`.
+
+    A ring slot costs at least a layer, so the plan never streams fewer layers than the ring has
+    slots (keeping them resident costs no more); `resident` forces a count (tests, experiments).
+    """
     for k in range(n_layers, -1, -1):
         slots = min(ring, n_layers - k)
-        if fixed_bytes + k * layer_bytes + slots * file_bytes <= budget or k == 0:
+        fits = fixed_bytes + k * layer_bytes + slots * file_bytes <= budget if resident is None else k == resident
+        if fits or k == 0:
             return DiskPlan(tuple(range(n_layers - k, n_layers)), tuple(range(n_layers - k)), slots,
                             fixed_bytes, layer_bytes, file_bytes, budget)
     raise AssertionError("unreachable")
@@ -267,7 +272,8 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, direct: bool = True) -> DiskStreamer:
+def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, direct: bool = True,
+           resident: int | None = None) -> DiskStreamer:
     """Stream `model`'s decoder layers from `folder` so that it holds `budget` bytes of weights.
 
     `model` is a plain CPU model (no device map, no packed linears). Writes the folder's missing
@@ -279,7 +285,7 @@ def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, d
     fixed = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in layer_ids]
     _, file_bytes = layout(layer_tensors(layers[0]))
     plan = plan_layers(len(layers), _nbytes(fixed), _nbytes(layer_tensors(layers[0]).values()), file_bytes,
-                       budget, ring)
+                       budget, ring, resident)
     dtype = next(model.parameters()).dtype
     path = getattr(model, "name_or_path", "") or ""
     weights = fingerprint([t for layer in layers for _, t in sorted(layer_tensors(layer).items())])

@@ -23,8 +23,11 @@ What is checked when:
 
 Reads bypass the page cache with O_DIRECT into 4096-aligned buffers, so what the verifier keeps
 in RAM is what its placement says, and a read costs what the disk costs whatever other processes
-have read before. Where the filesystem refuses O_DIRECT (tmpfs, some FUSE and network
-filesystems: open or read fails with EINVAL), reads fall back to buffered `preadv` followed by
+have read before. O_DIRECT rather than buffered reads + DONTNEED because the pages then never
+enter the cache at all (no window where a layer is charged twice, no reliance on the kernel
+honouring the advice) and the kernel copies nothing: the disk writes straight into the ring buffer.
+Where the filesystem refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE and network filesystems:
+open or the first read fails with EINVAL), reads fall back to buffered `preadv` followed by
 `posix_fadvise(POSIX_FADV_DONTNEED)` over the file, which drops its clean pages again (on tmpfs the
 pages are the file itself and stay: such a folder is RAM anyway). `direct_io` says which is in use.
 Writes are buffered, then fdatasync'd and dropped from the cache the same way.
