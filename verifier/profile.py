@@ -77,8 +77,9 @@ def read_bandwidth(paths: list[str], chunk: int = 16 * 2**20) -> tuple[float, bo
     for path in paths:
         fd, direct = _open_uncached(path, direct)
         try:
-            offset = 0
-            while got := os.preadv(fd, [buffer], offset):
+            offset, got = 0, len(buffer)
+            while got == len(buffer):  # a short read is the end of the file
+                got = os.preadv(fd, [buffer], offset)
                 offset += got
             total += offset
             if not direct:
