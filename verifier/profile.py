@@ -66,7 +66,7 @@ class DiskLimit:
                 f"({how}): a forward takes at least {self.limit_s:.2f} s")
 
 
-def read_bandwidth(paths: list[str], chunk: int = 16 * 2**20) -> tuple[float, bool]:
+def read_bandwidth(paths: list[str], chunk: int = 64 * 2**20) -> tuple[float, bool]:
     """GB/s reading `paths` once, sequentially, in `chunk`-byte reads that bypass the page cache.
 
     O_DIRECT where the filesystem allows it; elsewhere each file's cached pages are dropped
@@ -118,12 +118,16 @@ def _direct_opens(path: str) -> bool:
 
 
 def disk_limit(streamer: DiskStreamer) -> DiskLimit:
-    """Measure the offload folder's read bandwidth on the streamer's own layer files (once each).
+    """Measure the offload folder's bandwidth the way the streamer reads it: each streamed layer's
+    file once, whole, into an aligned buffer (O_DIRECT where the filesystem allows).
 
     Waits for the streamer's reader to fill its ring first, so the two do not share the disk.
     """
     streamer.wait_idle()
-    store = streamer.store
-    gbps, direct = read_bandwidth([store.path(i) for i in streamer.plan.streamed]) if streamer.plan.streamed \
-        else (0.0, store.direct_io)
-    return DiskLimit(streamer.plan.streamed_bytes, gbps, direct)
+    store, streamed = streamer.store, streamer.plan.streamed
+    if not streamed:
+        return DiskLimit(0, 0.0, store.direct_io)
+    buffer = aligned_empty(max(store.layers[i].size for i in streamed))
+    start = time.perf_counter()
+    total = sum(store.read_into(i, buffer) for i in streamed)
+    return DiskLimit(streamer.plan.streamed_bytes, total / (time.perf_counter() - start) / 1e9, store.direct_io)
