@@ -209,6 +209,18 @@ def test_buffered_reads_and_tmpfs_compute_the_same(tmp_path, where):
             shutil.rmtree(folder)
 
 
+def test_converting_while_attaching_equals_loading_in_that_dtype(tmp_path):
+    stored = tiny_lm("qwen2", layers=LAYERS, seed=4).to(torch.bfloat16)  # a bf16 checkpoint...
+    reference = tree_logits(copy.deepcopy(stored).float())  # ...loaded as float32
+    placed = copy.deepcopy(stored)
+    streamer = attach(placed, str(tmp_path), budget=0, resident=1, dtype=torch.float32)
+    try:
+        assert {p.dtype for p in placed.parameters()} == {torch.float32}
+        assert torch.equal(tree_logits(placed), reference)
+    finally:
+        streamer.close()
+
+
 def test_packed_linears_are_refused():
     from specexec.launch.packed_linear import pack_linears
     model = tiny_lm("llama", layers=2)

@@ -273,36 +273,53 @@ def _size(nbytes: int) -> str:
 
 
 def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, direct: bool = True,
-           resident: int | None = None) -> DiskStreamer:
+           resident: int | None = None, dtype: torch.dtype | None = None) -> DiskStreamer:
     """Stream `model`'s decoder layers from `folder` so that it holds `budget` bytes of weights.
 
     `model` is a plain CPU model (no device map, no packed linears). Writes the folder's missing
     layer files (checking the ones already there), copies resident tensors into anonymous memory,
     replaces the streamed layers with stand-ins and drops the model's files from the page cache.
+    `dtype`: the dtype to compute in, when it is not the one the model was loaded in. Loading in
+    the checkpoint's own dtype maps its file instead of copying it, so converting here, a layer at
+    a time, keeps the start-up's anonymous memory to the budget (e.g. a bf16 checkpoint run in float32).
     """
     layers = getattr(model, model.base_model_prefix).layers
+    dtype = dtype or next(model.parameters()).dtype
     layer_ids = {id(t) for layer in layers for t in layer_tensors(layer).values()}
-    fixed = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in layer_ids]
-    _, file_bytes = layout(layer_tensors(layers[0]))
-    plan = plan_layers(len(layers), _nbytes(fixed), _nbytes(layer_tensors(layers[0]).values()), file_bytes,
-                       budget, ring, resident)
-    dtype = next(model.parameters()).dtype
+    fixed = [_cast(t, dtype, meta=True) for t in model.parameters() if id(t) not in layer_ids]
+    fixed += [t for t in model.buffers() if id(t) not in layer_ids]
+    shapes = _converted(layers[0], dtype, meta=True)
+    plan = plan_layers(len(layers), _nbytes(fixed), sum(t.numel() * t.element_size() for t in shapes.values()),
+                       layout(shapes)[1], budget, ring, resident)
     path = getattr(model, "name_or_path", "") or ""
     weights = fingerprint([t for layer in layers for _, t in sorted(layer_tensors(layer).items())])
     store = OffloadStore.open(folder, source_identity(path, dtype, len(layers), weights), direct)
-    store.ensure({i: (lambda i=i: layer_tensors(layers[i])) for i in plan.streamed})
+    store.ensure({i: (lambda i=i: _converted(layers[i], dtype)) for i in plan.streamed})
     streamer = DiskStreamer(model, store, plan)  # the streamed layers' tensors are dropped here
-    _own_resident(model)
+    _own_resident(model, dtype)
     for file in store.source["files"]:
         drop_cached(f"{path}/{file}")
     return streamer
 
 
-def _own_resident(model: torch.nn.Module) -> None:
-    """Copy the model's (resident) tensors into anonymous memory: they may be views of a mapped weight file."""
+def _cast(t: torch.Tensor, dtype: torch.dtype, meta: bool = False) -> torch.Tensor:
+    """A parameter in the compute dtype (a shape-only stand-in when `meta`)."""
+    dtype = dtype if t.is_floating_point() else t.dtype
+    return torch.empty(t.shape, dtype=dtype, device="meta") if meta else t.to(dtype)
+
+
+def _converted(layer: torch.nn.Module, dtype: torch.dtype, meta: bool = False) -> dict[str, torch.Tensor]:
+    """A layer's tensors as they are stored: parameters in `dtype`, buffers as they are."""
+    params = dict(layer.named_parameters())
+    return {n: _cast(t, dtype, meta) if n in params else t for n, t in layer_tensors(layer).items()}
+
+
+def _own_resident(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Copy the model's (resident) tensors into anonymous memory, parameters in `dtype`: they may
+    be views of a mapped weight file."""
     with torch.no_grad():
         for p in model.parameters():
-            p.data = p.data.clone()
+            p.data = p.data.to(dtype if p.is_floating_point() else p.dtype, copy=True)
         for module in model.modules():
             for name, b in list(module._buffers.items()):
                 if b is not None:
