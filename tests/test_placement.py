@@ -117,5 +117,11 @@ def test_placement_mode(kwargs, mode):
     assert (placement.load_kwargs() == {}) == (mode in ("none", "stream", "disk"))
 
 
+def test_descriptions_tell_disk_streaming_from_accelerate():  # the profile cache keys on them
+    disk = Placement(max_memory="cpu=1GiB", offload_folder="d")
+    assert disk.describe() != Placement(max_memory="cpu=1GiB", offload_folder="d", offload="accelerate").describe()
+    assert "streamed from disk" in disk.describe()
+
+
 def test_cpu_budget_in_bytes():
     assert Placement(max_memory="cpu=1GiB", offload_folder="d").cpu_budget == 2**30

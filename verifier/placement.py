@@ -131,6 +131,8 @@ class Placement:
             parts.append(f"offload folder {self.offload_folder}")
         if self.mode in ("stream", "disk"):
             parts.append("layers streamed" + (" from disk" if self.mode == "disk" else ""))
+        if self.offload == "accelerate":  # (the profile cache keys on this text)
+            parts.append("accelerate's offload")
         return ", ".join(parts)
 
 
