@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 ALIGN = 4096
-FORMAT = 1
+FORMAT = 2  # 2: sha256 checksums
 MANIFEST = "manifest.json"
 CHECK_CHUNK = 64 * 2**20
 
@@ -126,7 +126,7 @@ def drop_cached(path: str) -> None:
 
 
 def fingerprint(tensors) -> str:
-    """sha256 of the first 4 KiB of each tensor: tells apart two models of one shape, cheaply."""
+    """sha256 of the first 4096 elements of each tensor: tells apart two models of one shape, cheaply."""
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(tensor_bytes(t.reshape(-1)[:4096]).numpy().tobytes())
