@@ -274,5 +274,8 @@ def test_report(tmp_path):
         text = report(placed)
         assert "1 of 4 decoder layers resident, 3 read from" in text and "2 layer buffers" in text
         assert "2 passes" in text  # the two forwards of tree_logits
+        held = sum(t.numel() * t.element_size() for t in list(placed.parameters()) + list(placed.buffers()))
+        held += sum(b.numel() for b in streamer.buffers)
+        assert held == streamer.plan.ram_bytes <= streamer.plan.budget  # the plan counts what is held
     finally:
         streamer.close()

@@ -101,12 +101,8 @@ def layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _nbytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of `tensors` (model.parameters() already lists a tied weight once)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
