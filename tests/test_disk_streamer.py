@@ -6,8 +6,8 @@ import torch
 
 from harness import run
 from specexec.protocol.tree import ROOT, DraftTree
-from specexec.verifier.disk_streamer import RING, attach, layer_tensors, plan_layers
-from specexec.verifier.offload_store import ALIGN, OffloadStoreError, layout
+from specexec.verifier.disk_streamer import RING, DiskEmbedding, attach, layer_tensors, plan_layers
+from specexec.verifier.offload_store import ALIGN, EMBEDDINGS, OffloadStoreError, layout
 from specexec.verifier.placement import report
 from specexec.verifier.target_model import TargetModel
 from tiny_models import greedy_reference, perturbed, tiny_lm
@@ -18,9 +18,10 @@ LAYERS = 4
 
 
 def budget_for(model, resident: int, ring: int = RING) -> int:
-    """The --max-memory cpu bytes under which `resident` of the model's layers stay in RAM."""
+    """The --max-memory cpu bytes under which `resident` of the model's layers stay in RAM
+    (the embedding table read from disk)."""
     layers = model.model.layers
-    inside = {id(t) for layer in layers for t in layer_tensors(layer).values()}
+    inside = {id(t) for layer in layers for t in layer_tensors(layer).values()} | {id(model.model.embed_tokens.weight)}
     fixed = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
                 if id(t) not in inside)
     tensors = layer_tensors(layers[0])
@@ -116,7 +117,8 @@ def test_the_folder_is_reused_and_checked(tmp_path):
     _, second = streamed_copy(model, tmp_path, 1)
     second.close()
     assert {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path)} == stamps  # nothing rewritten
-    assert second.store.bytes_checked == 3 * second.store.layers[0].size
+    store = second.store
+    assert store.bytes_checked == 3 * store.layers[0].size + store.layers[EMBEDDINGS].size  # all read once
     _, other = streamed_copy(tiny_lm("llama", layers=LAYERS, seed=5), tmp_path, 1)  # other weights: rewritten
     other.close()
     assert os.stat(tmp_path / "layer_000.bin").st_mtime_ns != stamps["layer_000.bin"]
@@ -219,6 +221,39 @@ def test_converting_while_attaching_equals_loading_in_that_dtype(tmp_path):
         assert torch.equal(tree_logits(placed), reference)
     finally:
         streamer.close()
+
+
+@pytest.mark.parametrize("case", ["embeddings resident", "tied to the head"])
+def test_embeddings_stay_resident_when_asked_or_tied(tmp_path, case):
+    model = tiny_lm("llama", layers=LAYERS, seed=4)
+    if case == "tied to the head":
+        model.lm_head.weight = model.model.embed_tokens.weight
+    reference = tree_logits(model)
+    placed, streamer = streamed_copy(model, tmp_path, 1, embeddings_on_disk=case == "tied to the head")
+    try:
+        assert isinstance(placed.model.embed_tokens, torch.nn.Embedding)
+        assert "embeddings, norm and head resident" in report(placed)
+        assert torch.equal(tree_logits(placed), reference)
+    finally:
+        streamer.close()
+
+
+def test_embedding_rows_are_read_from_disk(tmp_path):
+    model = tiny_lm("llama", layers=LAYERS, seed=4)
+    placed, streamer = streamed_copy(model, tmp_path, 1)
+    try:
+        table = placed.model.embed_tokens
+        assert isinstance(table, DiskEmbedding) and "embedding rows read from disk" in report(placed)
+        ids = torch.tensor([[5, 95, 5, 0]])
+        assert torch.equal(table(ids), model.model.embed_tokens(ids))
+        assert sum(t.numel() for t in placed.parameters()) < sum(t.numel() for t in model.parameters()) - 96 * 64
+    finally:
+        streamer.close()
+    with open(tmp_path / "embeddings.bin", "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"\xff")
+    with pytest.raises(OffloadStoreError, match=r"embeddings\.bin fails its checksum"):
+        streamed_copy(model, tmp_path, 1)
 
 
 def test_packed_linears_are_refused():

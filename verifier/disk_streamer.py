@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from specexec.verifier.layer_streamer import StandIn
-from specexec.verifier.offload_store import (OffloadStore, aligned_empty, drop_cached, fingerprint, layout, source_identity,
+from specexec.verifier.offload_store import (EMBEDDINGS, OffloadStore, aligned_empty, drop_cached, fingerprint, layout, source_identity,
                                              views)
 
 RING = 2
@@ -250,18 +250,45 @@ class DiskStreamer:
         with self.cond:
             return copy.copy(self.stats)
 
+    def _fixed_text(self) -> str:
+        decoder = getattr(self.model, self.model.base_model_prefix)
+        if isinstance(decoder.get_input_embeddings(), DiskEmbedding):
+            return "norm and head resident, embedding rows read from disk as tokens need them"
+        return "embeddings, norm and head resident"
+
     def describe(self) -> str:
         p = self.plan
         n = len(p.resident) + len(p.streamed)
         io = "O_DIRECT" if self.store.direct_io else "buffered reads + DONTNEED (no O_DIRECT here)"
         text = (f"placement (disk streamed): {len(p.resident)} of {n} decoder layers resident, "
                 f"{len(p.streamed)} read from {self.store.folder} every pass ({_size(p.streamed_bytes)}, "
-                f"{io}), {p.ring} layer buffers; embeddings, norm and head resident; "
+                f"{io}), {p.ring} layer buffers; {self._fixed_text()}; "
                 f"{_size(p.ram_bytes)} in RAM for a {_size(p.budget)} budget")
         if p.ram_bytes > p.budget:
-            text += " (over: the embeddings, head and ring alone do not fit)"
+            text += " (over: what must stay resident and the ring alone do not fit)"
         stats = self.snapshot()
         return text + (f"; {stats.describe()}" if stats.passes else "")
+
+
+class DiskEmbedding(torch.nn.Module):
+    """The input embedding table left in the offload folder: a forward reads only its tokens' rows.
+
+    A verification forward embeds a few dozen tokens, i.e. a few dozen rows of a table as large as
+    the LM head (0.47 GB for the default target): a few small reads instead of that much RAM.
+    `weight` is an empty meta tensor of the table's width and dtype (for code asking its device).
+    """
+
+    def __init__(self, store: OffloadStore, rows: int, width: int, dtype: torch.dtype):
+        super().__init__()
+        object.__setattr__(self, "store", store)
+        self.num_embeddings, self.embedding_dim = rows, width
+        self.register_buffer("weight", torch.empty(0, width, dtype=dtype, device="meta"), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        rows = torch.empty(len(unique), self.embedding_dim, dtype=self.weight.dtype)
+        self.store.read_rows(EMBEDDINGS, unique.tolist(), rows)
+        return rows[inverse].reshape(*ids.shape, self.embedding_dim)
 
 
 def _size(nbytes: int) -> str:
@@ -269,7 +296,8 @@ def _size(nbytes: int) -> str:
 
 
 def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, direct: bool = True,
-           resident: int | None = None, dtype: torch.dtype | None = None) -> DiskStreamer:
+           resident: int | None = None, dtype: torch.dtype | None = None,
+           embeddings_on_disk: bool = True) -> DiskStreamer:
     """Stream `model`'s decoder layers from `folder` so that it holds `budget` bytes of weights.
 
     `model` is a plain CPU model (no device map, no packed linears). Writes the folder's missing
@@ -278,19 +306,30 @@ def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, d
     `dtype`: the dtype to compute in, when it is not the one the model was loaded in. Loading in
     the checkpoint's own dtype maps its file instead of copying it, so converting here, a layer at
     a time, keeps the start-up's anonymous memory to the budget (e.g. a bf16 checkpoint run in float32).
+    `embeddings_on_disk`: leave the input embedding table in the folder too and read the rows each
+    forward needs (`DiskEmbedding`); not done where the LM head shares that table (tied weights).
     """
-    layers = getattr(model, model.base_model_prefix).layers
+    decoder = getattr(model, model.base_model_prefix)
+    layers = decoder.layers
     dtype = dtype or next(model.parameters()).dtype
+    table = decoder.get_input_embeddings().weight
+    embeddings_on_disk = embeddings_on_disk and all(p is not table for p in model.get_output_embeddings().parameters())
     layer_ids = {id(t) for layer in layers for t in layer_tensors(layer).values()}
-    fixed = [_cast(t, dtype, meta=True) for t in model.parameters() if id(t) not in layer_ids]
+    skip = layer_ids | ({id(table)} if embeddings_on_disk else set())
+    fixed = [_cast(t, dtype, meta=True) for t in model.parameters() if id(t) not in skip]
     fixed += [t for t in model.buffers() if id(t) not in layer_ids]
     shapes = _converted(layers[0], dtype, meta=True)
-    plan = plan_layers(len(layers), _nbytes(fixed), sum(t.numel() * t.element_size() for t in shapes.values()),
-                       layout(shapes)[1], budget, ring, resident)
+    plan = plan_layers(len(layers), _nbytes(fixed), _nbytes(shapes.values()), layout(shapes)[1], budget, ring,
+                       resident)
     path = getattr(model, "name_or_path", "") or ""
-    weights = fingerprint([t for layer in layers for _, t in sorted(layer_tensors(layer).items())])
+    weights = fingerprint([table] + [t for layer in layers for _, t in sorted(layer_tensors(layer).items())])
     store = OffloadStore.open(folder, source_identity(path, dtype, len(layers), weights), direct)
-    store.ensure({i: (lambda i=i: _converted(layers[i], dtype)) for i in plan.streamed})
+    wanted = {i: (lambda i=i: _converted(layers[i], dtype)) for i in plan.streamed}
+    if embeddings_on_disk:
+        wanted[EMBEDDINGS] = lambda: {"weight": _cast(table.detach(), dtype)}
+    store.ensure(wanted)
+    if embeddings_on_disk:
+        decoder.set_input_embeddings(DiskEmbedding(store, table.shape[0], table.shape[1], dtype))
     streamer = DiskStreamer(model, store, plan)  # the streamed layers' tensors are dropped here
     _own_resident(model, dtype)
     for file in store.source["files"]:
@@ -318,5 +357,5 @@ def _own_resident(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype if p.is_floating_point() else p.dtype, copy=True)
         for module in model.modules():
             for name, b in list(module._buffers.items()):
-                if b is not None:
+                if b is not None and b.device.type != "meta":
                     module._buffers[name] = b.clone()

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 ALIGN = 4096
+EMBEDDINGS = -1  # the store's key for the input embedding table (rows read on demand)
 FORMAT = 2  # 2: sha256 checksums
 MANIFEST = "manifest.json"
 CHECK_CHUNK = 64 * 2**20
@@ -193,7 +194,7 @@ class OffloadStore:
 
     def _write_layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         entries, size = layout(tensors)
-        name = f"layer_{index:03d}.bin"
+        name = "embeddings.bin" if index == EMBEDDINGS else f"layer_{index:03d}.bin"
         path = os.path.join(self.folder, name)
         digest = hashlib.sha256()
         with open(path + ".tmp", "wb") as fh:
@@ -241,11 +242,17 @@ class OffloadStore:
 
         Checks the size first; falls back to buffered reads + DONTNEED where O_DIRECT is refused.
         """
+        chunks = self._chunks_once(index, buffer)
         try:
-            yield from self._chunks_once(index, buffer)
-        except _NoDirect:
+            first = next(chunks)
+        except _NoDirect:  # refused before any byte was read: start over, buffered
             self.direct_io = False
-            yield from self._chunks_once(index, buffer)
+            chunks = self._chunks_once(index, buffer)
+            first = next(chunks)
+        except StopIteration:
+            return
+        yield first
+        yield from chunks
 
     def _chunks_once(self, index: int, buffer: torch.Tensor):
         entry, path = self.layers[index], self.path(index)
@@ -277,13 +284,51 @@ class OffloadStore:
             try:
                 got = os.preadv(fd, [view[done:]], offset + done)
             except OSError as err:
-                if err.errno == errno.EINVAL and self.direct_io and not done and not offset:
+                if err.errno == errno.EINVAL and self.direct_io and not done:
                     raise _NoDirect from err  # open accepted O_DIRECT, the read did not
                 raise
             if got == 0:
                 break
             done += got
         return done
+
+    def read_rows(self, index: int, rows: list[int], out: torch.Tensor) -> None:
+        """Read rows of the one 2-d tensor stored under `index` into `out` ([len(rows), width]).
+
+        Each row is one read of the aligned pages that hold it (one or two pages for a 1536-wide
+        bf16 table): a forward's few dozen tokens cost a few dozen small reads.
+        """
+        entry = self.layers[index]
+        (tensor,) = entry.tensors
+        row_bytes = tensor.nbytes // tensor.shape[0]
+        scratch = aligned_empty(aligned(row_bytes) + ALIGN)
+        flat = out.view(len(rows), -1).view(torch.uint8)
+        try:
+            self._rows_once(index, rows, row_bytes, scratch, flat)
+        except _NoDirect:
+            self.direct_io = False
+            self._rows_once(index, rows, row_bytes, scratch, flat)
+
+    def _rows_once(self, index, rows, row_bytes, scratch, flat) -> None:
+        entry, path = self.layers[index], self.path(index)
+        fd = self._open(path)
+        try:
+            size = os.fstat(fd).st_size
+            if size != entry.size:
+                raise OffloadStoreError(f"offload file {path} has {size} bytes, its manifest says {entry.size}: "
+                                        f"truncated or overwritten; delete {self.folder} to rewrite it")
+            for k, row in enumerate(rows):
+                start = entry.tensors[0].offset + row * row_bytes
+                first = start - start % ALIGN
+                span = aligned(start + row_bytes) - first
+                if self._pread(fd, memoryview(scratch[:span].numpy()), first) < span:
+                    raise OffloadStoreError(f"offload file {path} ended before row {row}: truncated; "
+                                            f"delete {self.folder} to rewrite it")
+                flat[k] = scratch[start - first:start - first + row_bytes]
+            if not self.direct_io:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def read_into(self, index: int, buffer: torch.Tensor) -> int:
         """Read layer `index`'s whole file into `buffer` (aligned uint8, at least its size); returns bytes."""
