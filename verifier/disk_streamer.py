@@ -1,7 +1,10 @@
 """A disk layer streamer for a CPU target larger than its RAM budget (`--offload disk`).
 
-As many decoder layers stay resident as the `cpu=` part of `--max-memory` allows (embeddings,
-final norm and head always resident); the rest live in the offload folder (`offload_store`: one
+As many decoder layers stay resident as the `cpu=` part of `--max-memory` allows (final norm and
+LM head always resident; the input embedding table stays in the folder and a forward reads only
+its tokens' rows, `DiskEmbedding`, unless it is tied to the head or `embeddings_on_disk=False`:
+for the default target that is 0.47 GB of a 1 GiB budget, 4 more resident layers); the rest of
+the decoder layers live in the offload folder (`offload_store`: one
 aligned file per layer) and are read, whole file by whole file, into a small ring of aligned
 layer buffers by a background thread, up to `ring` layers ahead of the layer computing. Like the
 CUDA ring of `layer_streamer`, each streamed layer in the model's ModuleList is a weightless
@@ -15,8 +18,8 @@ earlier has finished. So the last layers of a pass free slots for the first stre
 next pass, which are read while the verifier waits for its next tree.
 
 Which layers stay resident: accelerate's `infer_auto_device_map` fills the budget with the first
-layers; the count here is the same (whole layers while embeddings + norm + head + resident layers
-+ the ring's buffers fit the budget) but the resident layers are the *last* ones: a pass then
+layers; the count here is the same (whole layers while norm + head (+ embeddings) + resident
+layers + the ring's buffers fit the budget) but the resident layers are the *last* ones: a pass then
 ends computing resident layers while the disk already reads the next pass's first streamed layers.
 
 Reads bypass the page cache (O_DIRECT; buffered + POSIX_FADV_DONTNEED where the filesystem refuses
