@@ -109,6 +109,13 @@ def test_a_forward_stopped_midway_does_not_shift_the_ring(tmp_path):
         streamer.close()
 
 
+def test_a_closed_streamer_refuses_to_run(tmp_path):
+    placed, streamer = streamed_copy(tiny_lm("llama", layers=LAYERS, seed=4), tmp_path, 0)
+    streamer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        tree_logits(placed)
+
+
 def test_the_folder_is_reused_and_checked(tmp_path):
     model = tiny_lm("llama", layers=LAYERS, seed=4)
     _, first = streamed_copy(model, tmp_path, 1)

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import torch
 
 from specexec.verifier.layer_streamer import StandIn
-from specexec.verifier.offload_store import (EMBEDDINGS, OffloadStore, aligned_empty, drop_cached, fingerprint, layout, source_identity,
-                                             views)
+from specexec.verifier.offload_store import (EMBEDDINGS, OffloadStore, aligned_empty, drop_cached, fingerprint,
+                                             layout, source_identity, views)
 
 RING = 2
 
@@ -62,7 +62,7 @@ class DiskPlan:
     resident: tuple[int, ...]
     streamed: tuple[int, ...]
     ring: int  # layer buffers (0 when nothing is streamed)
-    fixed_bytes: int  # embeddings, norm, head, rotary buffers
+    fixed_bytes: int  # norm, head, rotary buffers (and the embeddings where resident)
     layer_bytes: int  # one decoder layer in RAM
     file_bytes: int  # one decoder layer's file (aligned, padded): a ring buffer's size
     budget: int
@@ -220,11 +220,13 @@ class DiskStreamer:
             if position == 0:
                 self.stats.passes += 1
             start = time.perf_counter()
-            while self.read_count <= q and self.error is None:
+            while self.read_count <= q and self.error is None and not self.stopped:
                 self.cond.wait()
             self.stats.wait_s += time.perf_counter() - start
             if self.error is not None:
                 raise self.error
+            if self.read_count <= q:
+                raise RuntimeError("the disk streamer was closed: this model cannot run any more")
         layer = self.slots[q % self.plan.ring]
         attention = getattr(layer, "self_attn", None)
         if attention is not None:
