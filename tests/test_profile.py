@@ -26,3 +26,10 @@ def test_disk_limit_is_streamed_bytes_over_bandwidth(tmp_path):
         assert "GB read per pass" in limit.describe()
     finally:
         streamer.close()
+
+
+def test_curve_against_the_disk_limit():
+    from specexec.verifier.profile import DiskLimit, against_limit
+    limit = DiskLimit(bytes_per_pass=2 * 10**9, gbps=0.5, direct_io=True)
+    assert limit.limit_s == 4.0
+    assert against_limit({64: 4.6, 1: 4.0}, limit) == "1: 4.00 s = 1.00x, 64: 4.60 s = 1.15x"

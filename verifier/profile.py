@@ -131,3 +131,8 @@ def disk_limit(streamer: DiskStreamer) -> DiskLimit:
     start = time.perf_counter()
     total = sum(store.read_into(i, buffer) for i in streamed)
     return DiskLimit(streamer.plan.streamed_bytes, total / (time.perf_counter() - start) / 1e9, store.direct_io)
+
+
+def against_limit(curve: dict[int, float], limit: DiskLimit) -> str:
+    """The forward-time curve as multiples of the disk's limit (1.00x: the forward costs its reads)."""
+    return ", ".join(f"{n}: {t:.2f} s = {t / limit.limit_s:.2f}x" for n, t in sorted(curve.items()))
