@@ -33,3 +33,17 @@ def test_curve_against_the_disk_limit():
     limit = DiskLimit(bytes_per_pass=2 * 10**9, gbps=0.5, direct_io=True)
     assert limit.limit_s == 4.0
     assert against_limit({64: 4.6, 1: 4.0}, limit) == "1: 4.00 s = 1.00x, 64: 4.60 s = 1.15x"
+
+
+def test_forward_curve_of_a_disk_streamed_target(tmp_path):
+    from specexec.verifier.profile import forward_curve
+    from specexec.verifier.target_model import TargetModel
+    model = copy.deepcopy(tiny_lm("llama", layers=4, seed=4))
+    streamer = attach(model, str(tmp_path), budget=0, resident=1)
+    try:
+        curve = forward_curve(TargetModel(model), sizes=(1, 4), prefix=16, trials=1)
+        assert set(curve) == {1, 4} and all(t > 0 for t in curve.values())
+        stats = streamer.snapshot()
+        assert stats.passes == 4 and stats.bytes_read >= 4 * 3 * streamer.store.layers[0].size
+    finally:
+        streamer.close()
