@@ -7,6 +7,8 @@ Layout of `FOLDER`:
                      the file padded to a multiple of ALIGN: one read of the whole file fills a
                      layer buffer, and O_DIRECT's alignment rules (buffer, offset and length
                      multiples of the logical block size) hold for every read.
+  embeddings.bin     the input embedding table (same format, one tensor), read a row at a time
+                     (`read_rows`: the one or two aligned pages holding a row).
 
 An entry names its file, its size, its sha256 checksum and, per tensor, the name (relative
 to the layer), dtype, shape, offset and byte count.
@@ -18,8 +20,9 @@ What is checked when:
   run needs is read once and its size and sha256 compared, and a mismatch is refused with an
   error naming the file; a layer the manifest lacks is written and added. Cost: one sequential
   read of the streamed bytes plus sha256 (SHA-NI: 0.5 GB/s on a busy 2-core Xeon, 1.5+ GB/s
-  idle): 2.6 GB for the default target at cpu=1GiB, a few seconds.
-- on every read (`read_into`), the file's size is compared with the manifest (an fstat: free) and
+  idle): 2.7 GB for the default target at cpu=1GiB (24 layers and the embeddings), measured
+  16-26 s of start-up on a 2-core Xeon at load average 12, a few seconds idle.
+- on every read (`read_into`, `read_rows`), the file's size is compared with the manifest (an fstat: free) and
   a short read is refused; the checksum is not recomputed per pass (CPU time on every layer).
 
 Reads bypass the page cache with O_DIRECT into 4096-aligned buffers, so what the verifier keeps
