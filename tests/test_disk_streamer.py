@@ -142,6 +142,9 @@ def test_a_corrupt_layer_file_is_refused_by_name(tmp_path):
         fh.write(bytes([byte[0] ^ 1]))
     with pytest.raises(OffloadStoreError, match=r"layer_001\.bin fails its checksum"):
         streamed_copy(model, tmp_path, 1)
+    _, unchecked = streamed_copy(model, tmp_path, 1, verify=False)  # asked not to check: starts
+    unchecked.close()
+    assert unchecked.store.bytes_checked == 0
 
 
 def test_a_truncated_layer_file_is_refused_at_start_and_while_streaming(tmp_path):

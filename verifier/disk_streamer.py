@@ -302,7 +302,7 @@ def _size(nbytes: int) -> str:
 
 def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, direct: bool = True,
            resident: int | None = None, dtype: torch.dtype | None = None,
-           embeddings_on_disk: bool = True) -> DiskStreamer:
+           embeddings_on_disk: bool = True, verify: bool = True) -> DiskStreamer:
     """Stream `model`'s decoder layers from `folder` so that it holds `budget` bytes of weights.
 
     `model` is a plain CPU model (no device map, no packed linears). Writes the folder's missing
@@ -313,6 +313,8 @@ def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, d
     a time, keeps the start-up's anonymous memory to the budget (e.g. a bf16 checkpoint run in float32).
     `embeddings_on_disk`: leave the input embedding table in the folder too and read the rows each
     forward needs (`DiskEmbedding`); not done where the LM head shares that table (tied weights).
+    `verify=False`: reuse a matching folder without reading it through its checksums first
+    (seconds of start-up; sizes are still checked on every read).
     """
     decoder = getattr(model, model.base_model_prefix)
     layers = decoder.layers
@@ -332,7 +334,7 @@ def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, d
     wanted = {i: (lambda i=i: _converted(layers[i], dtype)) for i in plan.streamed}
     if embeddings_on_disk:
         wanted[EMBEDDINGS] = lambda: {"weight": _cast(table.detach(), dtype)}
-    store.ensure(wanted)
+    store.ensure(wanted, verify)
     if embeddings_on_disk:
         decoder.set_input_embeddings(DiskEmbedding(store, table.shape[0], table.shape[1], dtype))
     streamer = DiskStreamer(model, store, plan)  # the streamed layers' tensors are dropped here
