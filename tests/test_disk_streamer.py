@@ -126,9 +126,12 @@ def test_the_folder_is_reused_and_checked(tmp_path):
     assert {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path)} == stamps  # nothing rewritten
     store = second.store
     assert store.bytes_checked == 3 * store.layers[0].size + store.layers[EMBEDDINGS].size  # all read once
-    _, other = streamed_copy(tiny_lm("llama", layers=LAYERS, seed=5), tmp_path, 1)  # other weights: rewritten
+    (tmp_path / "notes.txt").write_text("not ours")
+    _, other = streamed_copy(tiny_lm("llama", layers=LAYERS, seed=5), tmp_path, 2)  # other weights: rewritten
     other.close()
     assert os.stat(tmp_path / "layer_000.bin").st_mtime_ns != stamps["layer_000.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["embeddings.bin", "layer_000.bin", "layer_001.bin", "manifest.json",
+                                            "notes.txt"]  # the old layer_002.bin went with its manifest
 
 
 def test_a_corrupt_layer_file_is_refused_by_name(tmp_path):

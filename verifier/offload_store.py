@@ -43,6 +43,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,6 +52,7 @@ ALIGN = 4096
 EMBEDDINGS = -1  # the store's key for the input embedding table (rows read on demand)
 FORMAT = 2  # 2: sha256 checksums
 MANIFEST = "manifest.json"
+OWN_FILE = re.compile(r"(layer_\d+|embeddings)\.bin(\.tmp)?")  # what a rewrite removes (nothing else)
 CHECK_CHUNK = 64 * 2**20
 
 
@@ -175,8 +177,11 @@ class OffloadStore:
             except (ValueError, KeyError, TypeError) as err:
                 raise OffloadStoreError(f"{path}: unreadable manifest ({err}); delete {folder} to rewrite it") from err
         store = cls(folder, source, layers, direct)
-        if not layers:
-            store._write_manifest()  # another source (or none): start over
+        if not layers:  # another source (or none): start over
+            for name in os.listdir(folder):
+                if OWN_FILE.fullmatch(name):
+                    os.remove(os.path.join(folder, name))
+            store._write_manifest()
         return store
 
     def ensure(self, tensors_of: dict[int, callable], verify: bool = True) -> list[int]:
