@@ -31,8 +31,10 @@ def placements(tmp_path, model):
     size = sum(p.numel() * 4 for p in model.parameters())
     return {
         "one device": Placement(),
-        "accelerate cpu cap -> disk": Placement(max_memory=f"cpu={size // 2}B", offload_folder=str(tmp_path / "off")),
-        "accelerate all on disk": Placement(max_memory="cpu=1KB", offload_folder=str(tmp_path / "off2")),
+        "accelerate cpu cap -> disk": Placement(max_memory=f"cpu={size // 2}B", offload_folder=str(tmp_path / "off"),
+                                                offload="accelerate"),
+        "accelerate all on disk": Placement(max_memory="cpu=1KB", offload_folder=str(tmp_path / "off2"),
+                                            offload="accelerate"),
         "layer streamer": Placement(offload="stream"),
     }
 
@@ -90,9 +92,36 @@ def test_parse_max_memory(text, expected):
     (dict(max_memory="cpu=lots"), "is not a size"),
     (dict(max_memory="gpu=1GiB"), "is not cpu, cuda or cuda:N"),
     (dict(device="tpu"), "expected cpu, cuda, cuda:N or auto"),
-    (dict(offload="swap"), "expected none or stream"),
+    (dict(offload="swap"), "expected none, stream, disk or accelerate"),
     (dict(offload="stream", max_memory="cpu=1GiB"), "places layers itself"),
+    (dict(offload="disk", max_memory="cpu=1GiB"), "needs --max-memory cpu=SIZE and --offload-folder"),
+    (dict(offload="disk", max_memory="disk=1GiB", offload_folder="d"), "needs a cpu budget"),
 ])
 def test_bad_placements_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Placement(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, mode", [
+    (dict(), "none"),
+    (dict(offload="stream"), "stream"),
+    (dict(max_memory="cpu=1GiB", offload_folder="d"), "disk"),  # layers on disk for a CPU target: streamed
+    (dict(max_memory="cpu=1GiB", offload_folder="d", offload="accelerate"), "accelerate"),
+    (dict(max_memory="cpu=1GiB"), "accelerate"),  # no folder: accelerate decides
+    (dict(device="auto"), "accelerate"),
+])
+def test_placement_mode(kwargs, mode):
+    placement = Placement(**kwargs)
+    assert placement.mode == mode
+    assert placement.packs_linears == (mode == "none")
+    assert (placement.load_kwargs() == {}) == (mode in ("none", "stream", "disk"))
+
+
+def test_descriptions_tell_disk_streaming_from_accelerate():  # the profile cache keys on them
+    disk = Placement(max_memory="cpu=1GiB", offload_folder="d")
+    assert disk.describe() != Placement(max_memory="cpu=1GiB", offload_folder="d", offload="accelerate").describe()
+    assert "streamed from disk" in disk.describe()
+
+
+def test_cpu_budget_in_bytes():
+    assert Placement(max_memory="cpu=1GiB", offload_folder="d").cpu_budget == 2**30

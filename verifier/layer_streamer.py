@@ -16,17 +16,17 @@ import copy
 import torch
 
 
-class _StreamedLayer(torch.nn.Module):
-    """Stands in for decoder layer i inside the model's ModuleList."""
+class StandIn(torch.nn.Module):
+    """Stands in for decoder layer i inside the model's ModuleList; `owner.run(i, args, kwargs)` computes it."""
 
-    def __init__(self, streamer: "LayerStreamer", index: int):
+    def __init__(self, owner, index: int, attention_type=None):
         super().__init__()
         self.index = index
-        object.__setattr__(self, "_streamer", streamer)  # not a submodule: no weights here
-        self.attention_type = getattr(streamer.template, "attention_type", None)
+        object.__setattr__(self, "_owner", owner)  # not a submodule: no weights here
+        self.attention_type = attention_type
 
     def forward(self, *args, **kwargs):
-        return self._streamer.run(self.index, args, kwargs)
+        return self._owner.run(self.index, args, kwargs)
 
 
 class LayerStreamer:
@@ -46,7 +46,7 @@ class LayerStreamer:
         self.slots = [copy.deepcopy(layers[0]).to(self.device) for _ in range(self.ring)]
         self.slot_tensors = [self._tensors(s) for s in self.slots]
         for i in range(self.n):  # the model's own layers become weightless stand-ins
-            layers[i] = _StreamedLayer(self, i)
+            layers[i] = StandIn(self, i, getattr(self.template, "attention_type", None))
         for name, module in model.named_children():  # everything else stays resident on the device
             module.to(self.device)
         self.loaded = [-1] * self.ring

@@ -5,6 +5,13 @@
                                   device, and past the last one to --offload-folder on disk
   --offload stream                decoder layers in (pinned) CPU memory, streamed to the device
                                   one ahead of the computation (verifier.layer_streamer)
+  --offload disk                  a CPU target over its `cpu=` budget: the layers that do not fit
+                                  are read from --offload-folder every pass, ahead of the
+                                  computation, bypassing the page cache (verifier.disk_streamer).
+                                  The default when --max-memory and --offload-folder put layers
+                                  on disk for a CPU target (`none` resolves to it)
+  --offload accelerate            accelerate's own disk offload (hooks reading each weight as
+                                  its module runs), kept for comparison
 """
 
 from __future__ import annotations
@@ -43,22 +50,32 @@ def parse_max_memory(text: str) -> dict:
     return out
 
 
+OFFLOADS = ("none", "stream", "disk", "accelerate")
+
+
 @dataclass(frozen=True)
 class Placement:
     device: str = "cpu"
     max_memory: str | None = None  # the CLI text; parsed by parse_max_memory
     offload_folder: str | None = None
-    offload: str = "none"  # none | stream
+    offload: str = "none"  # one of OFFLOADS
 
     def __post_init__(self):
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ValueError(f"--device {self.device!r}: expected cpu, cuda, cuda:N or auto")
-        if self.offload not in ("none", "stream"):
-            raise ValueError(f"--offload {self.offload!r}: expected none or stream")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"--offload {self.offload!r}: expected {', '.join(OFFLOADS[:-1])} or {OFFLOADS[-1]}")
         if self.max_memory:
             parse_max_memory(self.max_memory)
         if self.offload == "stream" and (self.max_memory or self.device == "auto"):
             raise ValueError("--offload stream places layers itself: drop --max-memory / --device auto")
+        if self.offload == "disk":
+            if not (self.max_memory and self.offload_folder):
+                raise ValueError("--offload disk needs --max-memory cpu=SIZE and --offload-folder DIR")
+            if "cpu" not in parse_max_memory(self.max_memory):
+                raise ValueError("--offload disk needs a cpu budget in --max-memory (e.g. cpu=1GiB)")
+            if self.compute_device != "cpu":
+                raise ValueError("--offload disk streams to a CPU target: use --device cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: no CUDA device is available here")
 
@@ -69,8 +86,29 @@ class Placement:
         return "cuda:0" if self.device == "cuda" else self.device
 
     @property
+    def mode(self) -> str:
+        """none | stream | disk | accelerate: `none` becomes `disk` where layers go to disk on a CPU target."""
+        if self.offload != "none":
+            return self.offload
+        on_disk = bool(self.max_memory and self.offload_folder) and self.compute_device == "cpu"
+        if on_disk and "cpu" in parse_max_memory(self.max_memory):
+            return "disk"
+        return "accelerate" if self.device == "auto" or self.max_memory else "none"
+
+    @property
     def uses_accelerate(self) -> bool:
-        return self.device == "auto" or bool(self.max_memory)
+        return self.mode == "accelerate"
+
+    @property
+    def packs_linears(self) -> bool:
+        """Whether the loaded target's CPU linears get pre-packed (only a plain in-RAM CPU target)."""
+        return self.mode == "none" and self.compute_device == "cpu"
+
+    @property
+    def cpu_budget(self) -> int:
+        """Bytes of the `cpu=` part of --max-memory (disk streaming's budget)."""
+        from accelerate.utils import convert_file_size_to_int
+        return convert_file_size_to_int(parse_max_memory(self.max_memory)["cpu"])
 
     def load_kwargs(self) -> dict:
         """Keyword arguments for `from_pretrained` (empty: load on the CPU as usual)."""
@@ -81,7 +119,7 @@ class Placement:
             if self.offload_folder:
                 kwargs["offload_folder"] = self.offload_folder
             return kwargs
-        if self.compute_device != "cpu" and self.offload != "stream":
+        if self.compute_device != "cpu" and self.mode == "none":
             return {"device_map": {"": self.compute_device}}
         return {}
 
@@ -91,8 +129,10 @@ class Placement:
             parts.append(f"max memory {self.max_memory}")
         if self.offload_folder:
             parts.append(f"offload folder {self.offload_folder}")
-        if self.offload == "stream":
-            parts.append("layers streamed")
+        if self.mode in ("stream", "disk"):
+            parts.append("layers streamed" + (" from disk" if self.mode == "disk" else ""))
+        if self.offload == "accelerate":  # (the profile cache keys on this text)
+            parts.append("accelerate's offload")
         return ", ".join(parts)
 
 
