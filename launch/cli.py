@@ -133,8 +133,12 @@ placement_options = option_group(
                  help="accelerate max_memory per device, e.g. cuda:0=20GiB,cpu=64GiB; the rest goes to disk."),
     click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
                  help="Where weights that fit nowhere are kept (with --max-memory)."),
-    click.option("--offload", type=click.Choice(["none", "stream"]), default="none", show_default=True,
-                 help="stream: decoder layers in pinned CPU memory, prefetched to the device layer by layer."),
+    click.option("--offload", type=click.Choice(["none", "stream", "disk", "accelerate"]), default="none",
+                 show_default=True,
+                 help="stream: decoder layers in pinned CPU memory, prefetched to the GPU layer by layer. disk: a CPU "
+                      "target over its --max-memory cpu= budget reads the layers that do not fit from "
+                      "--offload-folder every pass, ahead of the computation, bypassing the page cache (the default "
+                      "when --max-memory and --offload-folder are given). accelerate: accelerate's own offload."),
 )
 
 link_options = option_group(

@@ -33,11 +33,18 @@ def resolve_dtype(name: str, path: str, device: str = "cpu") -> torch.dtype:
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
         return DTYPES[name]
-    from transformers import AutoConfig
-    stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
-    if stored not in (torch.bfloat16, "bfloat16"):
+    if stored_dtype(path) != torch.bfloat16:
         return torch.float32
     return torch.bfloat16 if computes_bf16(device) else torch.float32
+
+
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype the checkpoint's weights are stored in (its config's), where it says."""
+    from transformers import AutoConfig
+    stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else None
 
 
 def computes_bf16(device: str) -> bool:

@@ -14,11 +14,12 @@ from urllib.parse import urlsplit
 
 import torch
 
-from specexec.launch.loading import load_causal_lm, load_tokenizer, resolve_dtype, stop_ids
+from specexec.launch.loading import load_causal_lm, load_tokenizer, resolve_dtype, stop_ids, stored_dtype
 from specexec.launch.options import DEFAULT_BIND, READY_LINE, PlacementOptions
 from specexec.launch.profile_cache import cached_curve, format_curve, profile_key
 from specexec.protocol.codec import Limits
 from specexec.protocol.fingerprint import tokenizer_fingerprint
+from specexec.verifier.disk_streamer import attach
 from specexec.verifier.layer_streamer import LayerStreamer
 from specexec.verifier.placement import Placement, report as placement_report
 from specexec.verifier.profile import forward_curve
@@ -53,11 +54,22 @@ def make_placement(options: PlacementOptions) -> Placement:
 
 
 def load_target(path: str, dtype: str, placement: Placement) -> torch.nn.Module:
-    """The target, placed: on one device, spread by accelerate (memory caps, disk), or streamed."""
-    kwargs = placement.load_kwargs()
-    on_cpu = not kwargs and placement.offload == "none"
-    model = load_causal_lm(path, resolve_dtype(dtype, path, placement.compute_device), pack=on_cpu, **kwargs)
-    if placement.offload == "stream":
+    """The target, placed: in RAM or on one device, spread by accelerate, streamed from RAM to a
+    GPU, or streamed from disk (`--max-memory cpu=... --offload-folder`).
+
+    Its linears are never pre-packed (`launch.packed_linear`): oneDNN's packed bf16 products
+    round differently from plain ones for batches of tree size, and a streamed layer cannot be
+    packed, so a packed in-RAM target and a streamed one would part ways at near-ties. Plain
+    kernels everywhere make every placement compute the same logits, bit for bit
+    (tests/test_disk_streamer.py).
+    """
+    compute = resolve_dtype(dtype, path, placement.compute_device)
+    if placement.mode == "disk":  # load as stored (a mapped file, not a copy), convert layer by layer
+        model = load_causal_lm(path, stored_dtype(path) or compute, pack=False)
+        attach(model, placement.offload_folder, placement.cpu_budget, dtype=compute)
+        return model
+    model = load_causal_lm(path, compute, pack=False, **placement.load_kwargs())
+    if placement.mode == "stream":
         LayerStreamer(model, placement.compute_device)
     return model
 
@@ -165,4 +177,4 @@ def profile(options: ProfileOptions) -> ProfileResult:
 
 def target_for_timing(path: str, dtype: str) -> TargetModel:
     """The target on this CPU, for timing a forward beside something else (`bench-wire`)."""
-    return TargetModel(load_causal_lm(path, resolve_dtype(dtype, path)))
+    return TargetModel(load_causal_lm(path, resolve_dtype(dtype, path), pack=False))

@@ -36,6 +36,8 @@ def placements(tmp_path, model):
         "accelerate all on disk": Placement(max_memory="cpu=1KB", offload_folder=str(tmp_path / "off2"),
                                             offload="accelerate"),
         "layer streamer": Placement(offload="stream"),
+        "disk streamer (the default for a cpu cap with a folder)": Placement(
+            max_memory=f"cpu={size // 2}B", offload_folder=str(tmp_path / "off3")),
     }
 
 
@@ -65,6 +67,8 @@ def test_placement_reports(saved, tmp_path):
     assert capped.startswith("placement (accelerate)") and "on disk" in capped
     streamed = load_target(path, "float32", p["layer streamer"])
     assert "4 decoder layers in CPU memory" in report(streamed) and "2 layer buffers" in report(streamed)
+    from_disk = report(load_target(path, "float32", p["disk streamer (the default for a cpu cap with a folder)"]))
+    assert from_disk.startswith("placement (disk streamed)")
 
 
 def test_streamer_copies_each_layer_once_per_forward(saved):
@@ -113,7 +117,6 @@ def test_bad_placements_are_named(kwargs, message):
 def test_placement_mode(kwargs, mode):
     placement = Placement(**kwargs)
     assert placement.mode == mode
-    assert placement.packs_linears == (mode == "none")
     assert (placement.load_kwargs() == {}) == (mode in ("none", "stream", "disk"))
 
 

@@ -100,11 +100,6 @@ class Placement:
         return self.mode == "accelerate"
 
     @property
-    def packs_linears(self) -> bool:
-        """Whether the loaded target's CPU linears get pre-packed (only a plain in-RAM CPU target)."""
-        return self.mode == "none" and self.compute_device == "cpu"
-
-    @property
     def cpu_budget(self) -> int:
         """Bytes of the `cpu=` part of --max-memory (disk streaming's budget)."""
         from accelerate.utils import convert_file_size_to_int
