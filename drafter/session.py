@@ -57,6 +57,8 @@ class GenerationStats:
     link: dict = field(default_factory=dict)  # bytes and codec time, when the verifier is remote
     verifier_peak_rss_mb: float = 0.0  # as the verifier reports it, or its cgroup's peak
     verifier_memory: str = "rss"  # where verifier_peak_rss_mb comes from: "rss" or "cgroup"
+    read_bytes: int = 0  # weights the verifier read from disk (a disk-streamed target), over all passes
+    read_s: float = 0.0  # seconds its reader spent reading them
     @property
     def gen_rate(self) -> float:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
@@ -90,6 +92,8 @@ class GenerationStats:
             "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
             "overlap_hit_rate": round(sum(r.reused > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
             "verifier_peak_rss_mb": self.verifier_peak_rss_mb, "verifier_memory": self.verifier_memory,
+            "read_gb_per_pass": round(self.read_bytes / 1e9 / max(self.target_forwards, 1), 4),
+            "read_gbps": round(self.read_bytes / 1e9 / self.read_s, 4) if self.read_s else 0.0,
             **self.link,
         }
 
@@ -185,6 +189,8 @@ class DraftSession:
         verdict, verify_s, grow_s = self._verify(request, state.committed)
         tokens = verdict.tokens(tree)
         stats.verifier_peak_rss_mb = max(stats.verifier_peak_rss_mb, float(verdict.extra.get("peak_rss_mb", 0.0)))
+        stats.read_bytes += int(verdict.extra.get("read_bytes", 0))
+        stats.read_s += float(verdict.extra.get("read_s", 0.0))
         state.committed += tokens
         state.new += tokens
         state.pending = [verdict.bonus]

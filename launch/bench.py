@@ -100,7 +100,8 @@ def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_id
 
 
 COLUMNS = ("set", "method", "budget", "temp", "gen_rate", "gen_rate ref", "tok/s", "decode tok/s", "draft s/rnd",
-           "verify s/rnd", "tree size", "tree depth", "hit rate", "speedup", "decode speedup")
+           "verify s/rnd", "tree size", "tree depth", "hit rate", "GB/pass", "GB/s", "verifier MB", "speedup",
+           "decode speedup")
 
 
 def summarize(records: Iterable[Record]) -> list[dict]:
@@ -125,6 +126,9 @@ def summarize(records: Iterable[Record]) -> list[dict]:
             "tree size": statistics.fmean(x["mean_tree_size"] for x in s),
             "tree depth": statistics.fmean(x["mean_tree_depth"] for x in s),
             "hit rate": statistics.fmean(x["overlap_hit_rate"] for x in s),
+            "GB/pass": _mean_or_none(x.get("read_gb_per_pass") or None for x in s),  # disk-streamed targets
+            "GB/s": _mean_or_none(x.get("read_gbps") or None for x in s),
+            "verifier MB": max((x.get("verifier_peak_rss_mb") or 0.0 for x in s), default=0.0) or None,
             "picked": sorted({x["budget"] for x in s}) if budget == "auto" else None,
         })
     base = {(r["set"], r["temp"]): r for r in rows if r["method"] == BASELINE}

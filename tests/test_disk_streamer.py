@@ -327,3 +327,24 @@ def test_report(tmp_path):
         assert held == streamer.plan.ram_bytes <= streamer.plan.budget  # the plan counts what is held
     finally:
         streamer.close()
+
+
+def test_verdicts_say_what_the_passes_read_from_disk(tmp_path):
+    from specexec.protocol.messages import VerifyRequest
+    from specexec.protocol.sampling import SamplingParams
+    from specexec.verifier.session import SessionConfig, TargetSession
+    model = tiny_lm("llama", layers=LAYERS, seed=4)
+    placed, streamer = streamed_copy(model, tmp_path, 1)
+    try:
+        session = TargetSession(TargetModel(placed), SessionConfig(SamplingParams()))
+        verdicts = [session.verify(VerifyRequest("s", 0, PROMPT, TREE, 64))]
+        for r in range(1, 5):
+            verdicts.append(session.verify(VerifyRequest("s", r, [verdicts[-1].bonus], DraftTree.empty(), 64)))
+        # each verdict counts the reads since the previous pass (the next pass's first layers are read
+        # ahead, while waiting): over 5 passes, 5 passes' worth of layers, give or take the read-ahead
+        total = sum(v.extra["read_bytes"] for v in verdicts)
+        per_pass = streamer.plan.streamed_bytes
+        assert 4 * per_pass <= total <= 6 * per_pass
+        assert all(v.extra["read_s"] >= 0 for v in verdicts) and sum(v.extra["read_s"] for v in verdicts) > 0
+    finally:
+        streamer.close()

@@ -300,6 +300,12 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
+def streamer_of(model: torch.nn.Module) -> "DiskStreamer | None":
+    """The disk streamer `attach` gave `model`, if any."""
+    streamer = getattr(model, "_specexec_streamer", None)
+    return streamer if isinstance(streamer, DiskStreamer) else None
+
+
 def attach(model: torch.nn.Module, folder: str, budget: int, ring: int = RING, direct: bool = True,
            resident: int | None = None, dtype: torch.dtype | None = None,
            embeddings_on_disk: bool = True, verify: bool = True) -> DiskStreamer:

@@ -63,5 +63,9 @@ class TargetSession:
                       position, request.max_emit, self.config.stop_ids)
         self.target.commit(self.cache, len(request.tree), result.accepted)
         self.rounds += 1
+        extra = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+        if self.target.last_stream is not None:
+            read = self.target.last_stream
+            extra.update(read_bytes=read.bytes_read, read_s=round(read.read_s, 4), read_wait_s=round(read.wait_s, 4))
         return Verdict(request.round, result.accepted, result.bonus, result.finished,
-                       verify_s=time.perf_counter() - start, extra={"peak_rss_mb": round(peak_rss_mb(), 1)})
+                       verify_s=time.perf_counter() - start, extra=extra)

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from specexec.protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
 from specexec.protocol.tree import ROOT, DraftTree, verify_mask, verify_positions
+from specexec.verifier.disk_streamer import StreamStats, streamer_of
 
 
 @dataclass
@@ -56,6 +57,9 @@ class TargetModel:
 
     def __init__(self, model: torch.nn.Module, simulate_bus_gbps: float | None = None, sleep=time.sleep):
         self.model = model.eval()
+        self.streamer = streamer_of(model)  # a disk streamer's read counters, where the layers stream from disk
+        self._streamed = self.streamer.snapshot() if self.streamer else None
+        self.last_stream: StreamStats | None = None  # what the disk read for the last forward
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
             b.numel() * b.element_size() for b in model.buffers())
         self.simulate_bus_gbps = simulate_bus_gbps
@@ -94,6 +98,9 @@ class TargetModel:
             out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache, use_cache=True)
         self.forwards += 1
+        if self.streamer:  # reads since the previous forward: this pass's layers, prefetched ones included
+            now = self.streamer.snapshot()
+            self.last_stream, self._streamed = now - self._streamed, now
         if self.simulate_bus_gbps:
             delay = self.weight_bytes / (self.simulate_bus_gbps * 1e9)
             self._sleep(delay)
