@@ -108,3 +108,28 @@ def test_reference_gen_rate_drops_the_first_round_and_the_stop_token_and_average
     # prompt 2: 3+3+3 in 3 passes, stopped by length: 3
     assert bench.reference_gen_rate([rec([9, 4, 2], "stop"), rec([1, 3, 3, 3], "length")]) == pytest.approx(2.75)
     assert bench.reference_gen_rate([rec([5], "stop")]) is None  # nothing after the prefill round
+
+
+def test_offloaded_regime_in_a_memory_cgroup(tiny_pair, tmp_path):
+    """A self-started verifier streaming its layers from disk, inside a cgroup: the table shows what
+    each pass read and the cgroup's peak; output identical to the target alone in the same run."""
+    from specexec.launch.memory_cap import CapOptions, CapUnavailable, MemoryCap
+    try:
+        MemoryCap.create(CapOptions("1G")).close()
+    except CapUnavailable as err:
+        pytest.skip(f"no memory cgroup here: {err}")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "w10 w11 w12"}\n')
+    args = ["bench", "--target", tiny_pair["target"], "--draft", tiny_pair["draft"], "--dtype", "float32",
+            "--prompts", str(prompts), "--max-new-tokens", "8", "--methods", "specexec,autoregressive",
+            "--budgets", "4", "--max-memory", "cpu=300KB", "--offload-folder", str(tmp_path / "off"),
+            "--verifier-memory-cap", "1500M", "--out", str(tmp_path / "r.jsonl")]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"specexec", "autoregressive"}
+    assert len({tuple(r["token_ids"]) for r in records}) == 1  # speculation changes nothing
+    for r in records:
+        assert r["stats"]["verifier_memory"] == "cgroup" and 0 < r["stats"]["verifier_peak_rss_mb"] < 1500
+        assert r["stats"]["read_gb_per_pass"] > 0 and r["stats"]["read_gbps"] > 0
+    assert "GB/pass" in res.stdout and "verifier MB" in res.stdout
