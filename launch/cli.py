@@ -531,6 +531,8 @@ def profile(target, plot, **options):
         _fail(str(err))
     click.echo(result.placement_text)
     click.echo(format_curve(result.curve, result.title))
+    if result.limit is not None:
+        click.echo(result.describe_limit())
     click.echo(f"peak resident memory: {peak_rss_mb():.0f} MiB")
     if plot:
         from specexec.launch.bench_plot import plot_curve

@@ -19,10 +19,10 @@ from specexec.launch.options import DEFAULT_BIND, READY_LINE, PlacementOptions
 from specexec.launch.profile_cache import cached_curve, format_curve, profile_key
 from specexec.protocol.codec import Limits
 from specexec.protocol.fingerprint import tokenizer_fingerprint
-from specexec.verifier.disk_streamer import attach
+from specexec.verifier.disk_streamer import StreamStats, attach, streamer_of
 from specexec.verifier.layer_streamer import LayerStreamer
 from specexec.verifier.placement import Placement, report as placement_report
-from specexec.verifier.profile import forward_curve
+from specexec.verifier.profile import DiskLimit, against_limit, disk_limit, forward_curve
 from specexec.verifier.server import ServerConfig, VerifierServer, VerifierService
 from specexec.verifier.target_model import TargetModel
 
@@ -162,6 +162,16 @@ class ProfileResult:
     placement_text: str
     title: str
     curve: dict[int, float]
+    limit: DiskLimit | None = None  # a disk-streamed target: what its disk allows per forward
+    reads: StreamStats | None = None  # what the curve's forwards read from disk
+
+    def describe_limit(self) -> str:
+        if self.limit is None:
+            return ""
+        per_pass = self.reads.bytes_read / max(self.reads.passes, 1) if self.reads else 0
+        return (f"{self.limit.describe()}\n"
+                f"read while profiling: {per_pass / 1e9:.2f} GB per forward at {self.reads.gbps:.2f} GB/s\n"
+                f"forward time against that limit: {against_limit(self.curve, self.limit)}")
 
 
 def profile(options: ProfileOptions) -> ProfileResult:
@@ -170,9 +180,13 @@ def profile(options: ProfileOptions) -> ProfileResult:
         torch.set_num_threads(options.threads)
     placement = make_placement(options.placement)
     model = load_target(options.target_path, options.dtype, placement)
+    streamer = streamer_of(model)
+    limit = disk_limit(streamer) if streamer else None  # measured first, on an idle disk
+    before = streamer.snapshot() if streamer else None
     curve = forward_curve(TargetModel(model, options.simulate_bus_gbps), options.sizes, options.prefix)
+    reads = streamer.snapshot() - before if streamer else None
     title = f"target forward cost ({placement.describe()}{', simulated bus' if options.simulate_bus_gbps else ''})"
-    return ProfileResult(placement_report(model), title, curve)
+    return ProfileResult(placement_report(model), title, curve, limit, reads)
 
 
 def target_for_timing(path: str, dtype: str) -> TargetModel:

@@ -218,3 +218,16 @@ def test_full_context_stops_cleanly(tiny_pair):
     out = json.loads(res.stdout)
     assert 512 - 8 <= out["prompt_tokens"] + len(out["token_ids"]) <= 512 + 1  # the tiny target's context
     assert "the target's context is full" in res.stderr
+
+
+def test_profile_of_a_disk_streamed_target_shows_the_disk_limit(tiny_pair, tmp_path):
+    paths, _ = tiny_pair
+    res = CliRunner().invoke(main, ["profile", "--target", paths["target"], "--dtype", "float32", "--sizes", "1,8",
+                                    "--prefix", "16", "--max-memory", "cpu=300KB",
+                                    "--offload-folder", str(tmp_path / "off"), "--plot", str(tmp_path / "p.png")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "placement (disk streamed)" in res.output
+    assert "GB read per pass" in res.output and "a forward takes at least" in res.output
+    assert "forward time against that limit: 1: " in res.output
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
