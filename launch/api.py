@@ -56,10 +56,11 @@ class Completion:
     error: str | None = None
 
 
-def finish_reason(result) -> str:
-    """Why a `GenerationResult` ended. The one place to swap for `result.finish_reason` once the
+def finish_reason(result, stop_ids: frozenset[int]) -> str:
+    """Why a `GenerationResult` ended (`finished` is also set at max_new_tokens, so a stop token
+    is read from the last token). The one place to swap for `result.finish_reason` once the
     drafter reports it itself."""
-    if result.finished:
+    if result.token_ids and result.token_ids[-1] in stop_ids:
         return "stop"
     if result.context_full:
         return "context"
@@ -337,7 +338,7 @@ class LLM:
             tail = run.matcher.flush()
             if tail:
                 job.sink(tail)
-            done = Completion(run.matcher.text, result.token_ids, finish_reason(result), len(req.prompt_ids),
+            done = Completion(run.matcher.text, result.token_ids, finish_reason(result, self.pipe.stop_ids), len(req.prompt_ids),
                               result.stats.summary(), result.error)
         if self.on_result:
             self.on_result(done)
