@@ -145,7 +145,8 @@ class Scheduler:
             try:
                 self._run(job)
             except BaseException as err:  # handed to the waiting caller, never lost in this thread
-                job.sink(err)
+                with contextlib.suppress(Exception):
+                    job.sink(err)
             finally:
                 self.active = 0
 
@@ -220,6 +221,8 @@ class LLM:
         self.on_result, self.on_round = on_result, on_round
         self.scheduler = Scheduler(self._run, max_queued)
         self._closed = False
+        self.last_round_at = 0.0  # time.monotonic() of the last accepted round: the verifier answered then
+        self.last_error: str | None = None  # the last generation's link error, if any
 
     # the public calls
 
@@ -247,6 +250,10 @@ class LLM:
         options = self.run_options(max_new_tokens, method, budget,
                                    temperature=temperature, top_p=top_p, seed=seed, **sampling)
         return Request(self.encode(prompt, chat, system), options, _stops(stop), context)
+
+    def probe(self) -> Request:
+        """One autoregressive token after a one-token prompt: does the verifier answer?"""
+        return Request([0], self.run_options(1, method="autoregressive"))
 
     def submit(self, request: Request, sink: Callable[[object], None]) -> Job:
         """Queue `request`; `sink` gets text pieces, then a Completion (or an exception). Raises Busy."""
@@ -300,8 +307,8 @@ class LLM:
         kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        return RunOptions(tree, params, overlap=self.overlap, budget_auto=self.tree.auto and budget is None,
-                          **kwargs)
+        auto = self.tree.auto and budget is None and tree.method != "autoregressive"
+        return RunOptions(tree, params, overlap=self.overlap, budget_auto=auto, **kwargs)
 
     # the worker's side
 
@@ -325,7 +332,7 @@ class LLM:
             job.sink(Completion("", [], "interrupted", len(job.request.prompt_ids)))
             return
         req = job.request
-        run = _Run(job, self.pipe.tokenizer, self.pipe.stop_ids, self.on_round)
+        run = _Run(job, self.pipe.tokenizer, self.pipe.stop_ids, self._round)
         try:
             result = self.pipe.generate(req.prompt_ids, req.options, run, req.context)
         except (_StopString, _Cancelled) as end:
@@ -340,9 +347,15 @@ class LLM:
                 job.sink(tail)
             done = Completion(run.matcher.text, result.token_ids, finish_reason(result, self.pipe.stop_ids), len(req.prompt_ids),
                               result.stats.summary(), result.error)
+        self.last_error = done.error
         if self.on_result:
             self.on_result(done)
         job.sink(done)
+
+    def _round(self, seconds: float, tokens: int) -> None:
+        self.last_round_at = time.monotonic()
+        if self.on_round:
+            self.on_round(seconds, tokens)
 
 
 def _stops(stop) -> tuple[str, ...]:

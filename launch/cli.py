@@ -308,6 +308,30 @@ def chat_loop(pipe, options) -> None:
             break
 
 
+@main.command()
+@model_options
+@tree_options
+@link_options
+@placement_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
+@click.option("--max-queued", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting for the model before new ones are answered 429.")
+@click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the target's).")
+def api(models, tree, link, placement, host, port, max_queued, model_name):
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics); the models are loaded once, requests are served one at a time in arrival order."""
+    try:
+        from specexec.launch.openai_server import serve
+    except ImportError as err:
+        _fail(f"the HTTP server needs fastapi, uvicorn and prometheus_client ({err}); pip install 'specexec'")
+    from specexec.launch.drafting import PipelineError
+    try:
+        serve(models, link, placement, tree, host, port, max_queued, model_name)
+    except (PipelineError, RuntimeError) as err:
+        _fail(str(err))
+
+
 def _read_key(key_file):
     from specexec.launch.drafting import read_key
     try:
