@@ -141,10 +141,11 @@ def _errors(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: HttpRequest, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        loc = [str(p) for p in first.get("loc", ())[1:]]
+        where = ".".join(loc) or "body"
         metrics.requests.labels(request.url.path, 400).inc()
-        return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where),
-                            status_code=400)
+        return JSONResponse(error_body(f"{where}: {first.get('msg', 'invalid request')}",
+                                       param=loc[0] if loc else None), status_code=400)
 
     @app.exception_handler(ApiError)
     async def api_error(request: HttpRequest, err: ApiError):
