@@ -178,6 +178,14 @@ def overlap_for(link: LinkOptions, placement: PlacementOptions) -> bool:
     return resolve_overlap(link, placement)
 
 
+def _needs_plot_extra(ctx, param, value):
+    """--plot needs matplotlib, an optional extra: say so before any work is done."""
+    import importlib.util
+    if value and importlib.util.find_spec("matplotlib") is None:
+        raise click.BadParameter("needs matplotlib: pip install 'specexec[plot]'")
+    return value
+
+
 @click.group()
 @click.version_option(package_name="specexec", prog_name="specexec")
 def main():
@@ -424,7 +432,7 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
               help="Add, after each target forward, the time moving the target's weights over this bus takes.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write one JSON record per prompt and run (JSONL).")
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, callback=_needs_plot_extra,
               help="Write a PNG: gen_rate and tokens/s against budget.")
 @click.option("--verifier-memory-cap", "memory_cap", default=None, metavar="SIZE",
               help="Run the verifier started here in a memory cgroup of SIZE (e.g. 1800M) that counts the page "
@@ -542,7 +550,7 @@ def bench_wire(sizes, trials, target, dtype, no_forward):
               help="Tokens already in the KV cache when the tree arrives.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None)
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, callback=_needs_plot_extra)
 @placement_options
 def profile(target, plot, **options):
     """The target's forward time against the number of tokens, in the chosen placement."""
