@@ -228,7 +228,7 @@ class LLM:
 
     def generate(self, prompt, **settings) -> Completion:
         """One answer. `prompt`: text, or chat messages [{"role", "content"}]. Settings: max_new_tokens,
-        temperature, top_p, seed, stop (str or list), chat (None: the template when there is one),
+        temperature, top_p, top_k, min_p, seed, stop (str or list), chat (None: the template when there is one),
         system, method, budget, context."""
         done = None
         for item in self._events(self.request(prompt, **settings)):
@@ -246,7 +246,8 @@ class LLM:
                 top_p: float | None = None, seed: int | None = None, stop=None, chat: bool | None = None,
                 system: str | None = None, method: str | None = None, budget: int | None = None,
                 context: str | None = None, **sampling) -> Request:
-        """Encode and check one request (ValueError names what is wrong); nothing runs yet."""
+        """Encode and check one request (ValueError names what is wrong); nothing runs yet.
+        `sampling` takes SamplingParams' other fields: top_k, min_p."""
         options = self.run_options(max_new_tokens, method, budget,
                                    temperature=temperature, top_p=top_p, seed=seed, **sampling)
         return Request(self.encode(prompt, chat, system), options, _stops(stop), context)
@@ -304,6 +305,9 @@ class LLM:
                 TreeConfig.budget
             tree = dataclasses.replace(tree, method=chosen, budget=size)
         params = SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+        if (params.top_k or params.min_p) and self.pipe.target_model is None:
+            raise ValueError("top_k and min_p work with in_process=True only for now: the wire protocol "
+                             "does not carry them to a verifier process yet")
         kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

@@ -55,6 +55,8 @@ class Sampling(BaseModel):
     temperature: Annotated[Float | None, Field(ge=0)] = None
     top_p: Annotated[Float | None, Field(gt=0, le=1)] = None
     seed: Annotated[Int | None, Field(ge=0, lt=2**63)] = None
+    top_k: Annotated[Int | None, Field(ge=-1)] = None  # -1 or 0: off (vLLM's -1 accepted)
+    min_p: Annotated[Float | None, Field(ge=0, le=1)] = None
     stop: Stop = None
     stream: Annotated[bool, Strict()] = False
     stream_options: StreamOptions | None = None
@@ -64,7 +66,8 @@ class Sampling(BaseModel):
 
     def settings(self) -> dict:
         return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    seed=self.seed, stop=self.stop, budget=self.budget, method=self.method)
+                    seed=self.seed, stop=self.stop, budget=self.budget, method=self.method,
+                    top_k=None if self.top_k is None else max(self.top_k, 0), min_p=self.min_p)
 
 
 class ChatRequest(Sampling):

@@ -163,3 +163,13 @@ def test_scheduler_close_fails_waiting_jobs():
     gate.set()
     closer.join()
     assert isinstance(done[0], RuntimeError) and done[1] == "ran"
+
+
+@pytest.mark.parametrize("method", ["specexec"])
+def test_top_k_and_min_p_sampling_stays_lossless(llm, method):
+    """A seeded SpecExec run emits what plain sampling with the same rule emits, whatever the trees
+    (SpecInfer's rule is lossless in distribution but spends its uniforms differently)."""
+    settings = dict(max_new_tokens=16, chat=False, temperature=1.0, seed=11, top_k=5, min_p=0.05)
+    plain = llm.generate(PROMPT, method="autoregressive", **settings)
+    assert llm.generate(PROMPT, method=method, **settings).token_ids == plain.token_ids
+    assert llm.generate(PROMPT, method="autoregressive", **{**settings, "top_k": 0}).token_ids != plain.token_ids
