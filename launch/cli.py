@@ -123,6 +123,9 @@ sampling_options = option_group(
     click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True),
 )
 
+system_option = click.option("--system", default=None, metavar="TEXT",
+                             help="System message, put first through the chat template.")
+
 max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 
 placement_options = option_group(
@@ -186,10 +189,26 @@ def _needs_plot_extra(ctx, param, value):
     return value
 
 
-@click.group()
+@click.group(context_settings={"auto_envvar_prefix": "SPECEXEC"})
 @click.version_option(package_name="specexec", prog_name="specexec")
-def main():
-    """SpecExec speculative decoding: a draft tree per round, verified by the target in one pass."""
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only in the log.")
+def main(verbose, quiet):
+    """SpecExec speculative decoding: a draft tree per round, verified by the target in one pass.
+
+    Every option can also be set in the environment as SPECEXEC_<COMMAND>_<OPTION>, e.g.
+    SPECEXEC_API_PORT=8080 or SPECEXEC_GENERATE_BUDGET=32 (the command line wins)."""
+    set_log_level(verbose, quiet)
+
+
+def set_log_level(verbose: int, quiet: bool) -> None:
+    """-q: errors only; -v: info; -vv: debug (ours and the libraries'); neither: as configured."""
+    import logging
+    if not (verbose or quiet):
+        return
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)
 
 
 @main.command()
@@ -203,12 +222,16 @@ def main():
 @click.option("--chat/--raw", default=None,
               help="Apply the target's chat template (default: when there is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(prompt, models, tree, max_new_tokens, sampling, link, placement, chat, as_json):
+@system_option
+def generate(prompt, models, tree, max_new_tokens, sampling, link, placement, chat, as_json, system):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
+    if system is not None and chat is False:
+        raise click.BadParameter("a system message needs the chat template; drop --raw", param_hint="--system")
     options = tree.run_options(sampling, max_new_tokens, overlap_for(link, placement))
     with pipeline(models, link, placement, tree.config.method != "autoregressive", tree.auto) as pipe:
         try:
-            prompt_ids = pipe.encode(prompt, chat)
+            prompt_ids = (pipe.encode(prompt, chat) if system is None else
+                          pipe.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": prompt}]))
         except ValueError as err:
             _fail(str(err))
         code = run_one(pipe, prompt_ids, options, as_json)
@@ -273,16 +296,17 @@ def format_stats(s: dict) -> str:
 @sampling_options
 @link_options
 @placement_options
-def chat(models, tree, max_new_tokens, sampling, link, placement):
+@system_option
+def chat(models, tree, max_new_tokens, sampling, link, placement, system):
     """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
     options = tree.run_options(sampling, max_new_tokens, overlap_for(link, placement))
     with pipeline(models, link, placement, tree.config.method != "autoregressive", tree.auto) as pipe:
-        chat_loop(pipe, options)
+        chat_loop(pipe, options, system)
 
 
-def chat_loop(pipe, options) -> None:
+def chat_loop(pipe, options, system: str | None = None) -> None:
     from specexec.drafter.streaming import TextStream
-    history: list[dict] = []
+    history: list[dict] = [] if system is None else [{"role": "system", "content": system}]
     while True:
         try:
             line = input("you> ").strip()
@@ -597,6 +621,23 @@ def models_list():
     click.echo(f"SPECEXEC_HOME={model_store.home()}")
     for name, state, path in model_store.status():
         click.echo(f"{name:32s} {state:28s} {path}")
+
+
+@models.command("prune")
+def models_prune():
+    """Delete the downloaded wheels and GGUF of converted models (the converted models stay)."""
+    for model in model_store.PACKAGED.values():
+        freed = model_store.prune(model)
+        state = f"freed {freed / 1e9:.2f} GB" if model_store.is_converted(model) else "not converted: kept"
+        click.echo(f"{model.name:32s} {state}")
+
+
+@models.command("rm")
+@click.argument("name", type=click.Choice(sorted(model_store.PACKAGED)))
+def models_rm(name):
+    """Delete everything the cache holds for model NAME (wheels, GGUF, converted model)."""
+    freed = model_store.remove(model_store.PACKAGED[name])
+    click.echo(f"{name}: freed {freed / 1e9:.2f} GB")
 
 
 @main.group()
