@@ -196,3 +196,63 @@ def test_openai_client_against_uvicorn(served):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_disconnected_client_frees_its_slot(served):
+    """A waiting request whose client went away is cancelled between rounds; the queue moves on."""
+    from specexec.launch.openai_server import ApiError, _collect
+    _, llm, _ = served
+
+    class Gone:
+        async def is_disconnected(self):
+            return True
+
+    gate = threading.Event()
+    llm.submit(llm.request("w1", max_new_tokens=1), lambda item: gate.wait(10))  # holds the model
+    seen = []
+
+    async def leave():
+        with pytest.raises(ApiError, match="disconnected"):
+            await _collect(llm, llm.request("w1", max_new_tokens=400, chat=False), Gone())
+        seen.append(llm.scheduler.queued)
+
+    try:
+        asyncio.run(leave())
+    finally:
+        gate.set()
+    done = llm.generate("w1", max_new_tokens=2, chat=False)
+    assert seen == [1] and len(done.token_ids) <= 2 and llm.scheduler.queued == 0
+
+
+def test_specexec_api_command(tmp_path):
+    """`specexec api` on a free port: health, then one chat, over a verifier process it starts."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    paths, _ = save_tiny_pair(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "specexec.launch.cli", "api", "--target", paths["target"],
+                             "--draft", paths["draft"], "--dtype", "float32", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        res = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)
+        assert res.status_code == 200 and res.json()["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
