@@ -95,9 +95,10 @@ model_options = option_group(
                  help="Draft model: Hugging Face id or local directory (default: the default pair's)."),
     click.option("--target", default=None, metavar="MODEL",
                  help="Target model: Hugging Face id or local directory (default: the default pair's)."),
-    click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True,
+    click.option("--dtype", type=DTYPE_CHOICE, default=ModelOptions.dtype, show_default=True,
                  help="auto: bf16 where the device computes it natively, else float32."),
-    click.option("--draft-dtype", type=click.Choice(["auto", "int8", "bfloat16", "float32"]), default="auto",
+    click.option("--draft-dtype", type=click.Choice(["auto", "int8", "bfloat16", "float32"]),
+                 default=ModelOptions.draft_dtype,
                  show_default=True,
                  help="Draft weights. auto: int8 on a CPU that runs it (the draft only proposes; output is "
                       "unchanged), else like --dtype."),
@@ -117,10 +118,11 @@ tree_options = option_group(
 
 sampling_options = option_group(
     "sampling", SamplingParams,
-    click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+    click.option("--temperature", type=click.FloatRange(min=0.0), default=SamplingParams.temperature, show_default=True,
                  help="0 decodes greedily."),
-    click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True),
-    click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True),
+    click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=SamplingParams.top_p,
+                 show_default=True),
+    click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=SamplingParams.seed, show_default=True),
 )
 
 system_option = click.option("--system", default=None, metavar="TEXT",
@@ -130,13 +132,13 @@ max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(min
 
 placement_options = option_group(
     "placement", PlacementOptions,
-    click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N|auto",
+    click.option("--device", default=PlacementOptions.device, show_default=True, metavar="cpu|cuda|cuda:N|auto",
                  help="Where the target computes (verifier side)."),
     click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
                  help="accelerate max_memory per device, e.g. cuda:0=20GiB,cpu=64GiB; the rest goes to disk."),
     click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
                  help="Where weights that fit nowhere are kept (with --max-memory)."),
-    click.option("--offload", type=click.Choice(["none", "stream", "disk", "accelerate"]), default="none",
+    click.option("--offload", type=click.Choice(["none", "stream", "disk", "accelerate"]), default=PlacementOptions.offload,
                  show_default=True,
                  help="stream: decoder layers in pinned CPU memory, prefetched to the GPU layer by layer. disk: a CPU "
                       "target over its --max-memory cpu= budget reads the layers that do not fit from "
@@ -157,7 +159,7 @@ link_options = option_group(
                  help="Shared HMAC key for --connect."),
     click.option("--curve-dir", type=click.Path(exists=True, file_okay=False), default=None,
                  help="CURVE keys for --connect (see `specexec keys generate`)."),
-    click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0, show_default=True,
+    click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=LinkOptions.timeout_s, show_default=True,
                  help="Seconds without a connection to the verifier before giving up."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="Torch threads per process (default: 1 each with overlap, else all cores)."),
