@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 from specexec.drafter.tree_config import TreeConfig
 from specexec.launch.options import LinkOptions, ModelOptions, PlacementOptions
+from specexec.protocol.link import LinkError
 
 TREE_FIELDS = ("method", "budget", "max_n_beams", "branch_width", "max_depth")
 
@@ -201,12 +202,15 @@ class _Run:
                 del self.ids[n:]
                 return
 
-    def partial_stats(self, options) -> dict:
-        """Stats for a run ended from the callback (the drafter's own are lost with its exception)."""
+    def completion(self, reason: str, error: str | None = None) -> Completion:
+        """The outcome of a run that ended by an exception: what was accepted, and stats counted
+        here (the drafter's own are lost with the exception)."""
         wall = time.perf_counter() - self.start
-        return {"method": options.tree.method, "budget": options.tree.budget, "new_tokens": len(self.ids),
-                "target_forwards": self.rounds, "gen_rate": round(len(self.ids) / max(self.rounds, 1), 4),
-                "tokens_per_s": round(len(self.ids) / wall, 4) if wall else 0.0, "wall_s": round(wall, 4)}
+        tree = self.job.request.options.tree
+        stats = {"method": tree.method, "budget": tree.budget, "new_tokens": len(self.ids),
+                 "target_forwards": self.rounds, "gen_rate": round(len(self.ids) / max(self.rounds, 1), 4),
+                 "tokens_per_s": round(len(self.ids) / wall, 4) if wall else 0.0, "wall_s": round(wall, 4)}
+        return Completion(self.matcher.text, self.ids, reason, len(self.job.request.prompt_ids), stats, error)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -335,26 +339,28 @@ class LLM:
         if job.cancel.is_set():
             job.sink(Completion("", [], "interrupted", len(job.request.prompt_ids)))
             return
-        req = job.request
-        run = _Run(job, self.pipe.tokenizer, self.pipe.stop_ids, self._round)
-        try:
-            result = self.pipe.generate(req.prompt_ids, req.options, run, req.context)
-        except (_StopString, _Cancelled) as end:
-            reason = "stop" if isinstance(end, _StopString) else "interrupted"
-            done = Completion(run.matcher.text, run.ids, reason, len(req.prompt_ids), run.partial_stats(req.options))
-        else:
-            if result.context_full and not result.token_ids:
-                raise PromptTooLong(f"the prompt ({len(req.prompt_ids)} tokens) leaves no room in the target's "
-                                    "context")
-            tail = run.matcher.flush()
-            if tail:
-                job.sink(tail)
-            done = Completion(run.matcher.text, result.token_ids, finish_reason(result, self.pipe.stop_ids), len(req.prompt_ids),
-                              result.stats.summary(), result.error)
+        done = self._generate(job.request, _Run(job, self.pipe.tokenizer, self.pipe.stop_ids, self._round))
         self.last_error = done.error
         if self.on_result:
             self.on_result(done)
         job.sink(done)
+
+    def _generate(self, req: Request, run: _Run) -> Completion:
+        try:
+            result = self.pipe.generate(req.prompt_ids, req.options, run, req.context)
+        except LinkError as err:  # the verifier could not be reached at all
+            return run.completion("interrupted", str(err))
+        except _StopString:
+            return run.completion("stop")
+        except _Cancelled:
+            return run.completion("interrupted")
+        if result.context_full and not result.token_ids:
+            raise PromptTooLong(f"the prompt ({len(req.prompt_ids)} tokens) leaves no room in the target's context")
+        tail = run.matcher.flush()
+        if tail:
+            run.job.sink(tail)
+        return Completion(run.matcher.text, result.token_ids, finish_reason(result, self.pipe.stop_ids),
+                          len(req.prompt_ids), result.stats.summary(), result.error)
 
     def _round(self, seconds: float, tokens: int) -> None:
         self.last_round_at = time.monotonic()
@@ -386,10 +392,11 @@ def _messages(messages) -> list[dict]:
 
 # -- loading --------------------------------------------------------------------------------------
 
-def _pick(cls, options: dict):
-    """`cls` built from the options that name its fields; its own defaults for the rest."""
+def _pick(cls, options: dict, **given):
+    """`cls` from `given` and the options that name its fields (taken out of `options`); its own
+    defaults for the rest."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: options.pop(k) for k in list(options) if k in names})
+    return cls(**given, **{k: options.pop(k) for k in list(options) if k in names})
 
 
 def load(target: str | None = None, draft: str | None = None, *, max_queued: int = 0,
@@ -399,11 +406,9 @@ def load(target: str | None = None, draft: str | None = None, *, max_queued: int
     key_file, curve_dir, timeout_s, threads, device, max_memory, offload_folder, offload.
     Raises ValueError for bad options, `drafting.PipelineError` when the pipeline cannot start."""
     tree_kwargs = {k: options.pop(k, getattr(TreeConfig, k)) for k in TREE_FIELDS}
-    models = _pick(ModelOptions, dict(options, draft=draft, target=target))
+    models = _pick(ModelOptions, options, draft=draft, target=target)
     link = _pick(LinkOptions, options)
     placement = _pick(PlacementOptions, options)
-    for k in ("dtype", "draft_dtype"):
-        options.pop(k, None)
     if options:
         raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
     tree = tree_choice(**tree_kwargs)
