@@ -256,3 +256,33 @@ def test_specexec_api_command(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+class _LostVerifier:
+    """A pipeline whose verifier never answers."""
+
+    tokenizer, stop_ids, chat_template, draft, target_model = None, frozenset(), "t", None, None
+
+    def encode(self, text, chat):
+        return [1, 2]
+
+    def encode_chat(self, messages):
+        return [1, 2]
+
+    def generate(self, prompt_ids, options, on_tokens=None, context=None):
+        from specexec.protocol.link import LinkError
+        raise LinkError("no verifier at tcp://nowhere:1")
+
+
+def test_a_lost_verifier_is_503_and_unhealthy():
+    import contextlib
+    from specexec.launch.api import LLM
+    llm = LLM(_LostVerifier(), contextlib.ExitStack(), tree_choice("specexec", 8, 64, 16, 32), overlap=False)
+    try:
+        client = TestClient(create_app(llm, "lost"))
+        res = client.post("/v1/chat/completions", json=CHAT)
+        assert res.status_code == 503 and "nowhere" in res.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503 and "nowhere" in health.json()["reason"]
+    finally:
+        llm.close()
