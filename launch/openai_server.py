@@ -201,22 +201,26 @@ async def _events(llm: LLM, request) -> AsyncIterator[object]:
         job.cancel.set()
 
 
+async def _next(events, http: HttpRequest | None):
+    """The next event; a client that went away meanwhile cancels the wait (and so its job)."""
+    step = asyncio.ensure_future(events.__anext__())
+    while not step.done():
+        await asyncio.wait([step], timeout=DISCONNECT_POLL_S)
+        if not step.done() and http is not None and await http.is_disconnected():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
+            raise ApiError(499, "client disconnected")
+    return step.result()
+
+
 async def _collect(llm: LLM, request, http: HttpRequest | None = None) -> Completion:
     """The Completion; a client that goes away cancels its generation."""
     events = _events(llm, request)
     try:
-        while True:
-            step = asyncio.ensure_future(events.__anext__())
-            while not step.done():
-                await asyncio.wait([step], timeout=DISCONNECT_POLL_S)
-                if not step.done() and http is not None and await http.is_disconnected():
-                    step.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await step
-                    raise ApiError(499, "client disconnected")
-            item = step.result()
-            if isinstance(item, Completion):
-                return item
+        while not isinstance(item := await _next(events, http), Completion):
+            pass
+        return item
     finally:
         await events.aclose()
 
@@ -239,38 +243,37 @@ async def _answer(llm: LLM, metrics: Metrics, http: HttpRequest, endpoint: str, 
     request = _build(llm, body, prompt, chat)
     try:
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _sse(llm, request, shape, include_usage)
-            first = await stream.__anext__()  # queue errors (Busy, too long) before the 200 goes out
-            metrics.requests.labels(endpoint, 200).inc()
-            return StreamingResponse(_prepend(first, stream), media_type="text/event-stream")
-        done = _check(await _collect(llm, request, http))
+            response = await _stream(llm, request, http, shape, body)
+        else:
+            response = JSONResponse(shape.whole(_check(await _collect(llm, request, http))))
     except Busy as err:
         raise ApiError(429, f"server busy: {err}", "rate_limit_error") from None
     except PromptTooLong as err:
         raise ApiError(400, str(err), param="messages" if chat is None else "prompt") from None
     metrics.requests.labels(endpoint, 200).inc()
-    return JSONResponse(shape.whole(done))
+    return response
 
 
-async def _prepend(first: str, rest) -> AsyncIterator[str]:
-    """`first`, then `rest`; a client that goes away (cancellation here) closes `rest`, which
-    cancels its generation."""
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await rest.aclose()
-
-
-async def _sse(llm: LLM, request, shape, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: the opening chunk, one chunk per text piece, the closing chunk, [DONE]."""
+async def _stream(llm: LLM, request, http: HttpRequest, shape, body: Sampling) -> StreamingResponse:
+    """Wait for the first event before answering 200, so that a full queue, a prompt too long or a
+    lost verifier still get their error status."""
     events = _events(llm, request)
     try:
-        first = await events.__anext__()  # raises Busy/PromptTooLong before anything was sent
+        first = await _next(events, http)
+        if isinstance(first, Completion):
+            _check(first)
+    except BaseException:
+        await events.aclose()
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_sse(events, first, shape, include_usage), media_type="text/event-stream")
+
+
+async def _sse(events, item, shape, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: the opening chunk, one chunk per text piece, the closing chunk, [DONE].
+    A client that goes away cancels this generator, and closing `events` cancels its job."""
+    try:
         yield _data(shape.opening())
-        item = first
         while not isinstance(item, Completion):
             yield _data(shape.piece(item))
             item = await events.__anext__()

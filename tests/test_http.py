@@ -282,6 +282,7 @@ def test_a_lost_verifier_is_503_and_unhealthy():
         client = TestClient(create_app(llm, "lost"))
         res = client.post("/v1/chat/completions", json=CHAT)
         assert res.status_code == 503 and "nowhere" in res.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 503
         health = client.get("/health")
         assert health.status_code == 503 and "nowhere" in health.json()["reason"]
     finally:
