@@ -95,9 +95,10 @@ model_options = option_group(
                  help="Draft model: Hugging Face id or local directory (default: the default pair's)."),
     click.option("--target", default=None, metavar="MODEL",
                  help="Target model: Hugging Face id or local directory (default: the default pair's)."),
-    click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True,
+    click.option("--dtype", type=DTYPE_CHOICE, default=ModelOptions.dtype, show_default=True,
                  help="auto: bf16 where the device computes it natively, else float32."),
-    click.option("--draft-dtype", type=click.Choice(["auto", "int8", "bfloat16", "float32"]), default="auto",
+    click.option("--draft-dtype", type=click.Choice(["auto", "int8", "bfloat16", "float32"]),
+                 default=ModelOptions.draft_dtype,
                  show_default=True,
                  help="Draft weights. auto: int8 on a CPU that runs it (the draft only proposes; output is "
                       "unchanged), else like --dtype."),
@@ -117,23 +118,27 @@ tree_options = option_group(
 
 sampling_options = option_group(
     "sampling", SamplingParams,
-    click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+    click.option("--temperature", type=click.FloatRange(min=0.0), default=SamplingParams.temperature, show_default=True,
                  help="0 decodes greedily."),
-    click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True),
-    click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True),
+    click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=SamplingParams.top_p,
+                 show_default=True),
+    click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=SamplingParams.seed, show_default=True),
 )
+
+system_option = click.option("--system", default=None, metavar="TEXT",
+                             help="System message, put first through the chat template.")
 
 max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 
 placement_options = option_group(
     "placement", PlacementOptions,
-    click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N|auto",
+    click.option("--device", default=PlacementOptions.device, show_default=True, metavar="cpu|cuda|cuda:N|auto",
                  help="Where the target computes (verifier side)."),
     click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
                  help="accelerate max_memory per device, e.g. cuda:0=20GiB,cpu=64GiB; the rest goes to disk."),
     click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
                  help="Where weights that fit nowhere are kept (with --max-memory)."),
-    click.option("--offload", type=click.Choice(["none", "stream", "disk", "accelerate"]), default="none",
+    click.option("--offload", type=click.Choice(["none", "stream", "disk", "accelerate"]), default=PlacementOptions.offload,
                  show_default=True,
                  help="stream: decoder layers in pinned CPU memory, prefetched to the GPU layer by layer. disk: a CPU "
                       "target over its --max-memory cpu= budget reads the layers that do not fit from "
@@ -154,7 +159,7 @@ link_options = option_group(
                  help="Shared HMAC key for --connect."),
     click.option("--curve-dir", type=click.Path(exists=True, file_okay=False), default=None,
                  help="CURVE keys for --connect (see `specexec keys generate`)."),
-    click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0, show_default=True,
+    click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=LinkOptions.timeout_s, show_default=True,
                  help="Seconds without a connection to the verifier before giving up."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="Torch threads per process (default: 1 each with overlap, else all cores)."),
@@ -178,10 +183,34 @@ def overlap_for(link: LinkOptions, placement: PlacementOptions) -> bool:
     return resolve_overlap(link, placement)
 
 
-@click.group()
+def _needs_plot_extra(ctx, param, value):
+    """--plot needs matplotlib, an optional extra: say so before any work is done."""
+    import importlib.util
+    if value and importlib.util.find_spec("matplotlib") is None:
+        raise click.BadParameter("needs matplotlib: pip install 'specexec[plot]'")
+    return value
+
+
+@click.group(context_settings={"auto_envvar_prefix": "SPECEXEC"})
 @click.version_option(package_name="specexec", prog_name="specexec")
-def main():
-    """SpecExec speculative decoding: a draft tree per round, verified by the target in one pass."""
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only in the log.")
+def main(verbose, quiet):
+    """SpecExec speculative decoding: a draft tree per round, verified by the target in one pass.
+
+    Every option can also be set in the environment as SPECEXEC_<COMMAND>_<OPTION>, e.g.
+    SPECEXEC_API_PORT=8080 or SPECEXEC_GENERATE_BUDGET=32 (the command line wins)."""
+    set_log_level(verbose, quiet)
+
+
+def set_log_level(verbose: int, quiet: bool) -> None:
+    """-q: errors only; -v: info; -vv: debug (ours and the libraries'); neither: as configured."""
+    import logging
+    if not (verbose or quiet):
+        return
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)
 
 
 @main.command()
@@ -195,12 +224,16 @@ def main():
 @click.option("--chat/--raw", default=None,
               help="Apply the target's chat template (default: when there is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(prompt, models, tree, max_new_tokens, sampling, link, placement, chat, as_json):
+@system_option
+def generate(prompt, models, tree, max_new_tokens, sampling, link, placement, chat, as_json, system):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
+    if system is not None and chat is False:
+        raise click.BadParameter("a system message needs the chat template; drop --raw", param_hint="--system")
     options = tree.run_options(sampling, max_new_tokens, overlap_for(link, placement))
     with pipeline(models, link, placement, tree.config.method != "autoregressive", tree.auto) as pipe:
         try:
-            prompt_ids = pipe.encode(prompt, chat)
+            prompt_ids = (pipe.encode(prompt, chat) if system is None else
+                          pipe.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": prompt}]))
         except ValueError as err:
             _fail(str(err))
         code = run_one(pipe, prompt_ids, options, as_json)
@@ -265,16 +298,17 @@ def format_stats(s: dict) -> str:
 @sampling_options
 @link_options
 @placement_options
-def chat(models, tree, max_new_tokens, sampling, link, placement):
+@system_option
+def chat(models, tree, max_new_tokens, sampling, link, placement, system):
     """Interactive chat; both models stay loaded between turns. Empty line or Ctrl-D ends it."""
     options = tree.run_options(sampling, max_new_tokens, overlap_for(link, placement))
     with pipeline(models, link, placement, tree.config.method != "autoregressive", tree.auto) as pipe:
-        chat_loop(pipe, options)
+        chat_loop(pipe, options, system)
 
 
-def chat_loop(pipe, options) -> None:
+def chat_loop(pipe, options, system: str | None = None) -> None:
     from specexec.drafter.streaming import TextStream
-    history: list[dict] = []
+    history: list[dict] = [] if system is None else [{"role": "system", "content": system}]
     while True:
         try:
             line = input("you> ").strip()
@@ -306,6 +340,30 @@ def chat_loop(pipe, options) -> None:
         if result.context_full:
             click.echo("[the target's context is full: start a new chat]", err=True)
             break
+
+
+@main.command()
+@model_options
+@tree_options
+@link_options
+@placement_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
+@click.option("--max-queued", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting for the model before new ones are answered 429.")
+@click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the target's).")
+def api(models, tree, link, placement, host, port, max_queued, model_name):
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics); the models are loaded once, requests are served one at a time in arrival order."""
+    try:
+        from specexec.launch.openai_server import serve
+    except ImportError as err:
+        _fail(f"the HTTP server needs fastapi, uvicorn and prometheus_client ({err}); pip install 'specexec'")
+    from specexec.launch.drafting import PipelineError
+    try:
+        serve(models, link, placement, tree, host, port, max_queued, model_name)
+    except (PipelineError, RuntimeError) as err:
+        _fail(str(err))
 
 
 def _read_key(key_file):
@@ -400,7 +458,7 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
               help="Add, after each target forward, the time moving the target's weights over this bus takes.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write one JSON record per prompt and run (JSONL).")
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, callback=_needs_plot_extra,
               help="Write a PNG: gen_rate and tokens/s against budget.")
 @click.option("--verifier-memory-cap", "memory_cap", default=None, metavar="SIZE",
               help="Run the verifier started here in a memory cgroup of SIZE (e.g. 1800M) that counts the page "
@@ -518,7 +576,7 @@ def bench_wire(sizes, trials, target, dtype, no_forward):
               help="Tokens already in the KV cache when the tree arrives.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None)
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, callback=_needs_plot_extra)
 @placement_options
 def profile(target, plot, **options):
     """The target's forward time against the number of tokens, in the chosen placement."""
@@ -565,6 +623,23 @@ def models_list():
     click.echo(f"SPECEXEC_HOME={model_store.home()}")
     for name, state, path in model_store.status():
         click.echo(f"{name:32s} {state:28s} {path}")
+
+
+@models.command("prune")
+def models_prune():
+    """Delete the downloaded wheels and GGUF of converted models (the converted models stay)."""
+    for model in model_store.PACKAGED.values():
+        freed = model_store.prune(model)
+        state = f"freed {freed / 1e9:.2f} GB" if model_store.is_converted(model) else "not converted: kept"
+        click.echo(f"{model.name:32s} {state}")
+
+
+@models.command("rm")
+@click.argument("name", type=click.Choice(sorted(model_store.PACKAGED)))
+def models_rm(name):
+    """Delete everything the cache holds for model NAME (wheels, GGUF, converted model)."""
+    freed = model_store.remove(model_store.PACKAGED[name])
+    click.echo(f"{name}: freed {freed / 1e9:.2f} GB")
 
 
 @main.group()

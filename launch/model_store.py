@@ -236,3 +236,43 @@ def status() -> list[tuple[str, str, str]]:
         else:
             rows.append((model.name, "not fetched", "-"))
     return rows
+
+
+# -- cleaning the cache ---------------------------------------------------------------------------
+
+def cached_files(model: PackagedModel) -> dict[str, list[Path]]:
+    """What the cache holds for `model`, by kind: part wheels, the assembled GGUF, the converted model."""
+    wheels = [w for part in range(1, model.n_parts + 1)
+              if (w := _find_wheel(home() / "wheels", model.package(part), model.version)) is not None]
+    gguf = home() / "gguf" / f"{model.name}.gguf"
+    return {"wheels": wheels, "gguf": [gguf] if gguf.is_file() else [],
+            "converted": [converted_dir(model)] if converted_dir(model).is_dir() else []}
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _delete(paths: list[Path]) -> int:
+    freed = 0
+    for path in paths:
+        freed += _size(path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return freed
+
+
+def prune(model: PackagedModel) -> int:
+    """Delete the wheels and the GGUF of a converted model (the converted model stays); bytes freed.
+    A model not yet converted keeps them: they are what it will be converted from."""
+    if not is_converted(model):
+        return 0
+    files = cached_files(model)
+    return _delete(files["wheels"] + files["gguf"])
+
+
+def remove(model: PackagedModel) -> int:
+    """Delete everything the cache holds for `model`; bytes freed."""
+    files = cached_files(model)
+    return _delete(files["wheels"] + files["gguf"] + files["converted"])

@@ -1,4 +1,5 @@
-"""The sampling rule: how target logits, temperature and top-p become the distribution we emit from.
+"""The sampling rule: how target logits, temperature, top-k, top-p and min-p become the distribution
+we emit from (in that order, as transformers applies its warpers).
 
 Both sides must agree on it bit for bit, so it lives here. Randomness is keyed by position:
 the uniform used for the token at absolute position `pos` of a session seeded `seed` is a hash
@@ -24,6 +25,8 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0  # keep the k most probable tokens (0: all)
+    min_p: float = 0.0  # drop tokens below min_p times the most probable one's probability (0: none)
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -33,6 +36,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
 
     @property
     def greedy(self) -> bool:
@@ -47,9 +54,27 @@ def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.T
         probs[int(torch.argmax(logits))] = 1.0
         return probs
     probs = torch.softmax(logits / params.temperature, dim=-1)
+    if 0 < params.top_k < probs.numel():
+        probs = _top_k(probs, params.top_k)
     if params.top_p < 1.0:
         probs = _nucleus(probs, params.top_p)
+    if params.min_p > 0:
+        probs = _min_p(probs, params.min_p)
     return probs
+
+
+def _top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k most probable tokens (ties at the k-th value broken by torch.topk); renormalise."""
+    vals, ids = torch.topk(probs, k)
+    out = torch.zeros_like(probs)
+    out[ids] = vals / vals.sum()
+    return out
+
+
+def _min_p(probs: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens with probability >= min_p * the largest; renormalise (the largest always stays)."""
+    out = torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
+    return out / out.sum()
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

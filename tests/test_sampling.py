@@ -83,3 +83,34 @@ def test_keyed_sampling_follows_the_distribution():
 def test_bad_params_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def brute_top_k_min_p(logits, temperature, top_k, min_p):
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_k:
+        kth = torch.sort(probs, descending=True).values[top_k - 1]
+        probs = torch.where(probs >= kth, probs, 0)
+        probs = probs / probs.sum()
+    if min_p:
+        probs = torch.where(probs >= min_p * probs.max(), probs, 0)
+        probs = probs / probs.sum()
+    return probs
+
+
+@pytest.mark.parametrize("top_k, min_p", [(1, 0.0), (5, 0.0), (0, 0.1), (20, 0.05), (0, 1.0)])
+def test_top_k_and_min_p_match_brute_force(top_k, min_p):
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        logits = torch.randn(500, generator=gen) * 3
+        got = target_distribution(logits, SamplingParams(0.8, top_k=top_k, min_p=min_p))
+        assert torch.allclose(got, brute_top_k_min_p(logits, 0.8, top_k, min_p), atol=1e-12)
+        if top_k:
+            assert int((got > 0).sum()) <= top_k
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"), (dict(min_p=-0.1), "min_p"), (dict(min_p=2), "min_p"),
+])
+def test_bad_top_k_min_p_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
