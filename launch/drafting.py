@@ -202,7 +202,10 @@ class LocalVerifier:
                self.address, "--dtype", dtype, "--exit-with-parent", *extra_args]
         if threads:
             cmd += ["--threads", str(threads)]
-        env = dict(os.environ, **{KEY_ENV: self.key.decode()})
+        # the one-time key; and none of the operator's `SPECEXEC_SERVE_*` settings, which would override
+        # this command line (a key file there would lock the drafter out of its own verifier)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPECEXEC_SERVE_")}
+        env[KEY_ENV] = self.key.decode()
         self.cap = MemoryCap.create(cap) if cap else None  # before the process, which then starts inside it
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      preexec_fn=(lambda: self.cap.add(os.getpid())) if self.cap else None)
