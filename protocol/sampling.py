@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import torch
 
 TOP_P_SHORTLIST = 512  # nucleus search starts from the top-k; the full sort is the fallback
+# Temperatures below this are greedy (stored as 0): logits / 1e-40 overflow float32 to inf and
+# softmax gives NaN; at 1e-4 a logit gap of 0.01 already weighs e^-100 against the runner-up, so
+# only exact ties could be sampled differently.
+GREEDY_BELOW = 1e-4
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)  # both sides build these: both see greedy
 
     @property
     def greedy(self) -> bool:
@@ -46,9 +52,16 @@ def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.T
         probs = torch.zeros_like(logits)
         probs[int(torch.argmax(logits))] = 1.0
         return probs
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = require_finite(torch.softmax(logits / params.temperature, dim=-1), "target")
     if params.top_p < 1.0:
         probs = _nucleus(probs, params.top_p)
+    return probs
+
+
+def require_finite(probs: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse a probability vector holding NaN or inf (from non-finite logits), naming where it was made."""
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{what} probabilities are not finite (the model's logits hold NaN or inf)")
     return probs
 
 

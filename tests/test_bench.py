@@ -88,3 +88,11 @@ def test_chain_budgets_past_the_depth_limit_run_once():
     assert spec.configs() == [("specexec", 16), ("specexec", 32), ("specexec", 64), ("specexec", 256),
                               ("specexec", "auto"), ("chain", 16), ("chain", 32), ("chain", "auto"),
                               ("autoregressive", 0)]
+
+
+def test_an_empty_prompt_set_is_a_clear_error_not_an_index_error():
+    from specexec.launch.bench import BenchSpec, run_bench
+    with pytest.raises(ValueError, match="prompt set 'mine' holds no prompts"):
+        run_bench(lambda *a: None, {"mine": []}, {"mine": []}, BenchSpec())
+    with pytest.raises(ValueError, match="no prompt sets"):
+        run_bench(lambda *a: None, {}, {}, BenchSpec())

@@ -116,6 +116,7 @@ def served_cli(tiny_pair, tmp_path):
     paths, _ = tiny_pair
     key = tmp_path / "hmac.key"
     key.write_text("k" * 64)
+    key.chmod(0o600)
     address = f"tcp://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "specexec.launch.cli", "serve", "--target", paths["target"], "--bind",
                              address, "--key-file", str(key), "--dtype", "float32"],

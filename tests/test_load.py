@@ -101,6 +101,7 @@ def test_verifier_process_memory_under_eight_sessions(tmp_path):
     paths, model = save_tiny_pair(tmp_path)
     key = tmp_path / "hmac.key"
     key.write_bytes(KEY)
+    key.chmod(0o600)
     address = f"tcp://127.0.0.1:{free_port()}"
     proc = start_serve(paths["target"], address, str(key), "--max-sessions", "8")
     draft = perturbed(model, 0.05)

@@ -50,3 +50,17 @@ def test_bad_files_are_named(tmp_path, content, message):
     bad.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object with a 'prompt' field"):
         prompts.load(str(bad))
+
+
+@pytest.mark.parametrize("name, content, text", [
+    ("empty.json", "[]", "holds no prompts"),
+    ("empty.jsonl", "\n\n", "holds no prompts"),
+    ("prompts.txt", "hello", "unknown prompt file format '.txt'"),
+    ("prompts.csv", "id,prompt\n1,hi", "unknown prompt file format '.csv'"),
+])
+def test_empty_or_unknown_prompt_files_are_clear_errors(tmp_path, name, content, text):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=text) as err:
+        prompts.load(str(path))
+    assert str(path) in str(err.value)
