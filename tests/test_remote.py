@@ -154,6 +154,8 @@ def test_a_refused_curve_handshake_is_reported_as_such(pair, tmp_path, case, tex
     mine = generate_keys(tmp_path / "client-side")  # a keypair the verifier has never seen
     if case == "wrong server key":
         shutil.copy(keys / "client.key_secret", mine / "client.key_secret")  # authorized client, foreign server.key
+    else:
+        shutil.copy(keys / "server.key", mine / "server.key")  # the right server, a client key it never authorized
     with ServedVerifier(model, curve_dir=str(keys)) as served:
         link = RemoteVerifier(served.address, Hello("h", FINGERPRINT, SamplingParams(), "specexec"), KEY,
                               curve_dir=str(mine), timeout_s=30)

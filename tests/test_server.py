@@ -237,3 +237,44 @@ def test_oversized_frames_are_refused_before_they_are_buffered(model):
     assert memory.exact and grew < 64, grew
     from figures import record
     record("fuzz", oversized_flood={"frames": 40, "frame_mib": 9, "server_rss_growth_mib": round(grew, 1)})
+
+
+def test_a_long_prefill_does_not_stall_other_sessions():
+    """One client appends 8k tokens at once; another keeps verifying small rounds meanwhile."""
+    import threading
+    from test_verifier_session import long_model
+    model = long_model()
+    long_append = [(7 * i) % 90 + 3 for i in range(8192)]
+    with ServedVerifier(model) as served:
+        long_client, short_client = RawClient(served.address), RawClient(served.address)
+        long_client.ask(hello("long"))
+        short_client.ask(hello("short"))
+        short_client.ask(verify("short"))  # warm
+        done = {}
+
+        def prefill():
+            t = time.perf_counter()
+            long_client.send(verify("long", append=long_append))
+            done["verdict"] = long_client.recv(timeout_ms=300_000)
+            done["took"] = time.perf_counter() - t
+
+        thread = threading.Thread(target=prefill)
+        thread.start()
+        time.sleep(0.2)
+        waits, bonus, round_ = [], None, 1
+        while thread.is_alive():
+            t = time.perf_counter()
+            reply = short_client.ask(verify("short", round_=round_, append=[bonus or 5], tokens=(), parents=()))
+            assert isinstance(reply, Verdict), reply
+            waits.append(time.perf_counter() - t)
+            bonus, round_ = reply.bonus, round_ + 1
+        thread.join()
+        long_client.close()
+        short_client.close()
+    assert isinstance(done["verdict"], Verdict)
+    # without interleaving the first short round waits for the whole prefill
+    assert len(waits) >= 3 and max(waits) < done["took"] / 3, (waits, done["took"])
+    from figures import record
+    record("load", long_prefill={"appended_tokens": 8192, "prefill_s": round(done["took"], 2),
+                                 "other_session_rounds_meanwhile": len(waits),
+                                 "other_session_worst_round_s": round(max(waits), 3)})

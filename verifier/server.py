@@ -50,7 +50,7 @@ class ServerConfig:
     max_context: int = 32768
     prefill_chunk: int = PREFILL_CHUNK
     handshake_ms: int = 5000  # a connection that has not completed its ZMTP/CURVE handshake by then is closed
-    inbound_queue: int = 16  # messages queued per connection before libzmq stops reading it
+    inbound_queue: int = 4  # messages queued per connection before libzmq stops reading it (a drafter has 1-2)
 
 
 @dataclass(frozen=True)
