@@ -216,7 +216,8 @@ def test_idle_sessions_that_never_generated_are_evicted_first(model):
 
 
 def test_oversized_frames_are_refused_before_they_are_buffered(model):
-    """40 unauthenticated 9 MiB frames: libzmq drops each at its size header (ZMQ_MAXMSGSIZE)."""
+    """40 unauthenticated 9 MiB frames sent while the verifier is busy: libzmq drops each at its size
+    header (ZMQ_MAXMSGSIZE) instead of queueing them whole."""
     import subprocess
     import sys
     from specexec.verifier.request_memory import RequestMemory
@@ -226,10 +227,18 @@ def test_oversized_frames_are_refused_before_they_are_buffered(model):
              "for _ in range(40): s.send_multipart([b'SPX/2', os.urandom(40), junk])\n"
              "time.sleep(4); s.close(0); ctx.term()\n")
     with ServedVerifier(model) as served:
+        busy = RawClient(served.address)
+        busy.ask(hello("busy"))
+        target = served.service.target
+        target.simulate_bus_gbps = target.weight_bytes / 6e9  # each forward now takes 6 s: frames queue up
         memory = RequestMemory.start()
         memory.step_begin()
+        busy.send(verify("busy"))
         subprocess.run([sys.executable, "-c", flood, served.address], check=True, timeout=120)
         memory.step_end()
+        assert isinstance(busy.recv(timeout_ms=30000), Verdict)
+        busy.close()
+        target.simulate_bus_gbps = None
         c = RawClient(served.address)
         assert isinstance(c.ask(hello("after")), Welcome) and isinstance(c.ask(verify("after")), Verdict)
         c.close()
