@@ -138,6 +138,7 @@ def test_connect_to_a_served_verifier(tiny_pair, served_cli, tmp_path):
     assert remote["token_ids"] == local["token_ids"]
     wrong = tmp_path / "wrong.key"
     wrong.write_text("w" * 64)
+    wrong.chmod(0o600)
     res = generate(paths, *args, "--connect", address, "--key-file", str(wrong), "--timeout", "3")
     assert res.exit_code == 1 and "bad_signature" in res.output and "token_ids" not in res.output
 
