@@ -8,10 +8,18 @@ nothing is applied twice). A verifier that comes back without our session answer
 `unknown_session`: we open the session again and raise UnknownSession, and the generation loop
 re-sends its whole committed sequence. A verifier unreachable past `timeout_s` raises
 VerifierUnreachable; the loop keeps and returns what was generated.
+
+The socket carries its own routing identity, so the verifier knows a reconnected drafter as the
+owner of its session. Every signed reply carries the verifier's per-start epoch; we adopt it and
+bind it into what we sign next (a first Hello, or one after a restart, is refused once as
+`stale_epoch` and signed again). A CURVE handshake the verifier refuses is reported as such
+(HandshakeRefused: wrong server key, or our key not authorized) instead of waiting for the
+deadline and reporting no connection.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -19,7 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from specexec.protocol.codec import Limits, ProtocolError
-from specexec.protocol.framing import Signer, from_frames, to_frames
+from specexec.protocol.framing import Signer, read_frames, to_frames
 from specexec.protocol.link import LinkError, UnknownSession
 from specexec.protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
 from specexec.protocol.security import curve_client, heartbeat
@@ -27,6 +35,21 @@ from specexec.protocol.security import curve_client, heartbeat
 
 class VerifierUnreachable(LinkError):
     """No connection to the verifier for longer than the deadline."""
+
+
+class HandshakeRefused(LinkError):
+    """The verifier refused our CURVE handshake: its key is not the one we hold, or ours is not authorized."""
+
+
+HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the verifier refused this client's CURVE key: it is not in the verifier's "
+                                     "authorized/ directory (copy DIR/client.key there)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake protocol error: CURVE is on at one side only (pass the same "
+                                         "--curve-dir setting on both sides)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the verifier dropped the CURVE handshake: the server.key here is not "
+                                          "this verifier's (copy DIR/server.key from the verifier's box)",
+}
+HANDSHAKE_RETRIES = 3  # unexplained handshake failures in a row before we give up (the others: at once)
 
 
 class VerifierRejected(LinkError):
@@ -56,10 +79,12 @@ class RemoteVerifier:
         self.stats = LinkStats()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, b"D" + os.urandom(15))  # kept across reconnects: we own our session
         heartbeat(self.sock)
         if curve_dir:
             curve_client(self.sock, curve_dir)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                    | sum(HANDSHAKE_FAILURES))
         self.sock.connect(address)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -68,6 +93,7 @@ class RemoteVerifier:
         self._awaiting = None  # the message whose reply we wait for: re-sent after a reconnect
         self._connected, self._ever_connected = False, False
         self._down_since = time.monotonic()
+        self._handshake_failures = 0
         self.welcome: Welcome | None = None
 
     # -- session ------------------------------------------------------------------------------
@@ -78,8 +104,12 @@ class RemoteVerifier:
         self._send(self.hello)
         # Replies to anything sent before this Hello arrive first (one connection, in order) and
         # are dropped here; a Hello's own error carries no round.
-        reply = self._wait(lambda m: (isinstance(m, Welcome) and m.session == self.hello.session)
-                           or (isinstance(m, ErrorReply) and m.round == -1 and m.session in ("", self.hello.session)))
+        wanted = (lambda m: (isinstance(m, Welcome) and m.session == self.hello.session)
+                  or (isinstance(m, ErrorReply) and m.round == -1 and m.session in ("", self.hello.session)))
+        reply = self._wait(wanted)
+        if isinstance(reply, ErrorReply) and reply.code == "stale_epoch":  # now signed with the epoch just learned
+            self._send(self.hello)
+            reply = self._wait(wanted)
         if isinstance(reply, ErrorReply):
             raise VerifierRejected(reply.code, reply.message)
         self.welcome, self._awaiting = reply, None
@@ -92,7 +122,7 @@ class RemoteVerifier:
                 self._send(Close(self.hello.session))
                 deadline = time.monotonic() + wait_s
                 while (left := deadline - time.monotonic()) > 0 and self.sock.poll(int(left * 1000)):
-                    if isinstance(from_frames(self.signer, self.sock.recv_multipart(), self.limits), Close):
+                    if isinstance(read_frames(self.signer, self.sock.recv_multipart(), self.limits)[0], Close):
                         break
             except (zmq.ZMQError, ProtocolError):
                 pass
@@ -130,6 +160,9 @@ class RemoteVerifier:
     def _send(self, msg) -> None:
         t = time.perf_counter()
         frames = to_frames(self.signer, msg)
+        if len(frames[2]) > self.limits.max_bytes:  # the verifier would drop the connection without a reply
+            raise VerifierRejected("too_large", f"message of {len(frames[2])} bytes exceeds the limit of "
+                                   f"{self.limits.max_bytes}")
         self.sock.send_multipart(frames)
         self.stats.codec_s += time.perf_counter() - t
         self.stats.bytes_sent += sum(len(f) for f in frames)
@@ -145,9 +178,11 @@ class RemoteVerifier:
                 frames = self.sock.recv_multipart()
                 self.stats.bytes_received += sum(len(f) for f in frames)
                 try:
-                    msg = from_frames(self.signer, frames, self.limits)
+                    msg, stamp = read_frames(self.signer, frames, self.limits)
                 except ProtocolError as err:
                     raise VerifierRejected(err.code, f"unreadable reply: {err}") from None
+                if stamp.epoch:
+                    self.signer.epoch = stamp.epoch
                 self.stats.codec_s += time.perf_counter() - t
                 if wanted(msg):
                     return msg
@@ -156,12 +191,18 @@ class RemoteVerifier:
                                           f"{self.timeout_s:.0f} s")
 
     def _on_monitor_event(self, event: dict) -> None:
-        if event["event"] == zmq.EVENT_DISCONNECTED:
+        if event["event"] in HANDSHAKE_FAILURES:
+            self._handshake_failures += 1
+            if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL \
+                    or self._handshake_failures >= HANDSHAKE_RETRIES:
+                raise HandshakeRefused(f"{self.address}: {HANDSHAKE_FAILURES[event['event']]}")
+        elif event["event"] == zmq.EVENT_DISCONNECTED:
             if self._connected:
                 self._connected, self._down_since = False, time.monotonic()
         elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             reconnect = self._ever_connected and not self._connected
             self._connected = self._ever_connected = True
+            self._handshake_failures = 0
             if reconnect:
                 self.stats.reconnects += 1
                 if self._awaiting is not None:

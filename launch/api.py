@@ -309,9 +309,6 @@ class LLM:
                 TreeConfig.budget
             tree = dataclasses.replace(tree, method=chosen, budget=size)
         params = SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-        if (params.top_k or params.min_p) and self.pipe.target_model is None:
-            raise ValueError("top_k and min_p work with in_process=True only for now: the wire protocol "
-                             "does not carry them to a verifier process yet")
         kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

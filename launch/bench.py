@@ -71,9 +71,19 @@ class Record:
 Runner = Callable[[list[int], str, int, float, "str | None"], object]
 
 
+def check_prompt_sets(prompt_sets: dict[str, list]) -> None:
+    """Refuse, naming the set, what would otherwise fail deep inside the run (an empty set, no set)."""
+    if not prompt_sets:
+        raise ValueError("no prompt sets to run: pass --prompts with a bundled set name or a prompt file")
+    for name, prompts in prompt_sets.items():
+        if not prompts:
+            raise ValueError(f"prompt set {name!r} holds no prompts")
+
+
 def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_ids: dict[str, list[str]],
               spec: BenchSpec, sink: Callable[[Record], None] | None = None,
               templates: dict[str, str] | None = None) -> list[Record]:
+    check_prompt_sets(prompt_sets)
     configs = spec.configs()
     total = len(spec.temperatures) * sum(len(v) for v in prompt_sets.values()) * len(configs)
     if spec.warmup:

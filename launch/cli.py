@@ -123,6 +123,10 @@ sampling_options = option_group(
     click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=SamplingParams.top_p,
                  show_default=True),
     click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=SamplingParams.seed, show_default=True),
+    click.option("--top-k", type=click.IntRange(min=0), default=SamplingParams.top_k, show_default=True,
+                 help="Keep the k most probable tokens (0: all); applied by the verifier, lossless."),
+    click.option("--min-p", type=click.FloatRange(min=0.0, max=1.0), default=SamplingParams.min_p, show_default=True,
+                 help="Drop tokens below min-p times the most probable one's probability (0: none)."),
 )
 
 system_option = click.option("--system", default=None, metavar="TEXT",
@@ -484,11 +488,12 @@ def bench(models, prompt_sets, n_prompts, template, max_new_tokens, methods, bud
     if simulate_bus_gbps and "hf-assisted" in methods:
         raise click.BadParameter("hf-assisted cannot be run with --simulate-bus-gbps", param_hint="--methods")
     sets = {}
-    for name in prompt_sets.split(","):
-        try:
+    try:
+        for name in filter(None, (n.strip() for n in prompt_sets.split(","))):
             sets[name] = promptmod.load(name)[:n_prompts]
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--prompts")
+        benchmod.check_prompt_sets(sets)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--prompts")
     spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed,
                               max_depth=max_depth)
     shape = TreeConfig(max_n_beams=max_n_beams, branch_width=branch_width, max_depth=max_depth)
@@ -649,10 +654,15 @@ def keys():
 
 @keys.command("generate")
 @click.argument("directory", type=click.Path(file_okay=False))
-def keys_generate(directory):
-    """Write CURVE keypairs for a verifier and a drafter, and a shared HMAC key, into DIRECTORY."""
-    from specexec.protocol.security import generate_keys
-    d = generate_keys(directory)
+@click.option("--force", is_flag=True, help="Overwrite keys already in DIRECTORY.")
+def keys_generate(directory, force):
+    """Write CURVE keypairs for a verifier and a drafter, and a shared HMAC key, into DIRECTORY
+    (secret files readable by their owner only)."""
+    from specexec.protocol.security import KeyExistsError, generate_keys
+    try:
+        d = generate_keys(directory, force=force)
+    except (KeyExistsError, OSError) as err:
+        _fail(str(err))
     click.echo(f"wrote {d}/server.key[_secret], {d}/client.key[_secret], {d}/authorized/client.key, {d}/hmac.key")
     click.echo("GPU box:  specexec serve --bind tcp://0.0.0.0:5555 --key-file DIR/hmac.key --curve-dir DIR")
     click.echo("laptop:   copy DIR without server.key_secret, then "

@@ -116,11 +116,10 @@ def resolve_overlap(link: LinkOptions, placement: PlacementOptions) -> bool:
 
 def read_key(key_file: str | None) -> bytes | None:
     """The shared HMAC key: from `key_file`, else from the environment, else none."""
-    from specexec.protocol.framing import load_key
+    from specexec.protocol.framing import key_from_env, load_key
     if key_file:
         return load_key(key_file)
-    env = os.environ.get(KEY_ENV)
-    return env.encode() if env else None
+    return key_from_env(os.environ.get(KEY_ENV))
 
 
 # -- the remote pipeline ------------------------------------------------------------------------

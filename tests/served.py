@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -12,8 +13,8 @@ from specexec.drafter.remote import RemoteVerifier
 from specexec.drafter.session import DraftSession
 from specexec.drafter.tree_search import TreeConfig, TreeSearch
 from specexec.protocol.codec import Limits
-from specexec.protocol.framing import Signer, from_frames, to_frames
-from specexec.protocol.messages import Hello
+from specexec.protocol.framing import Signer, read_frames, to_frames
+from specexec.protocol.messages import ErrorReply, Hello
 from specexec.protocol.sampling import SamplingParams
 from specexec.verifier.server import ServerConfig, VerifierServer, VerifierService
 from specexec.verifier.target_model import TargetModel
@@ -54,6 +55,7 @@ class RawClient:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, b"R" + os.urandom(15))  # as a drafter: the same owner after reconnects
         self.sock.connect(address)
         self.signer = Signer(key)
 
@@ -64,12 +66,21 @@ class RawClient:
         self.send_frames(to_frames(self.signer, msg))
 
     def recv(self, timeout_ms=10000):
+        """The next reply; like a drafter, adopt the verifier's epoch from it."""
         assert self.sock.poll(timeout_ms), "no reply from the server"
-        return from_frames(Signer(self.signer.key), self.sock.recv_multipart(), Limits(max_bytes=1 << 30))
+        msg, stamp = read_frames(Signer(self.signer.key), self.sock.recv_multipart(), Limits(max_bytes=1 << 30))
+        if stamp.epoch:
+            self.signer.epoch = stamp.epoch
+        return msg
 
     def ask(self, msg):
+        """Send and wait for the reply; a Hello refused only for its epoch is signed again, as a drafter does."""
         self.send(msg)
-        return self.recv()
+        reply = self.recv()
+        if isinstance(msg, Hello) and isinstance(reply, ErrorReply) and reply.code == "stale_epoch":
+            self.send(msg)
+            reply = self.recv()
+        return reply
 
     def close(self):
         self.sock.close(0)

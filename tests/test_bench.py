@@ -133,3 +133,11 @@ def test_offloaded_regime_in_a_memory_cgroup(tiny_pair, tmp_path):
         assert r["stats"]["verifier_memory"] == "cgroup" and 0 < r["stats"]["verifier_peak_rss_mb"] < 1500
         assert r["stats"]["read_gb_per_pass"] > 0 and r["stats"]["read_gbps"] > 0
     assert "GB/pass" in res.stdout and "verifier MB" in res.stdout
+
+
+def test_an_empty_prompt_set_is_a_clear_error_not_an_index_error():
+    from specexec.launch.bench import BenchSpec, run_bench
+    with pytest.raises(ValueError, match="prompt set 'mine' holds no prompts"):
+        run_bench(lambda *a: None, {"mine": []}, {"mine": []}, BenchSpec())
+    with pytest.raises(ValueError, match="no prompt sets"):
+        run_bench(lambda *a: None, {}, {}, BenchSpec())

@@ -116,6 +116,7 @@ def served_cli(tiny_pair, tmp_path):
     paths, _ = tiny_pair
     key = tmp_path / "hmac.key"
     key.write_text("k" * 64)
+    key.chmod(0o600)
     address = f"tcp://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "specexec.launch.cli", "serve", "--target", paths["target"], "--bind",
                              address, "--key-file", str(key), "--dtype", "float32"],
@@ -137,6 +138,7 @@ def test_connect_to_a_served_verifier(tiny_pair, served_cli, tmp_path):
     assert remote["token_ids"] == local["token_ids"]
     wrong = tmp_path / "wrong.key"
     wrong.write_text("w" * 64)
+    wrong.chmod(0o600)
     res = generate(paths, *args, "--connect", address, "--key-file", str(wrong), "--timeout", "3")
     assert res.exit_code == 1 and "bad_signature" in res.output and "token_ids" not in res.output
 

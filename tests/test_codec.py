@@ -140,8 +140,10 @@ def test_frames_and_signatures():
 
 def test_key_files(tmp_path):
     (tmp_path / "k").write_text("ab" * 32 + "\n")
+    (tmp_path / "k").chmod(0o600)
     assert load_key(tmp_path / "k") == b"ab" * 32
     (tmp_path / "short").write_text("abc")
+    (tmp_path / "short").chmod(0o600)
     with pytest.raises(ValueError, match="holds 3 bytes"):
         load_key(tmp_path / "short")
     with pytest.raises(ValueError, match="cannot read key file"):

@@ -33,6 +33,7 @@ def pair(tmp_path_factory):
     paths, target = save_tiny_pair(root)
     key = root / "hmac.key"
     key.write_bytes(KEY)
+    key.chmod(0o600)
     from transformers import AutoModelForCausalLM
     draft = DraftModel(AutoModelForCausalLM.from_pretrained(paths["draft"], dtype="float32"))
     return paths, target, draft, str(key)

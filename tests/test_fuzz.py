@@ -52,9 +52,9 @@ def test_live_server_survives_a_seeded_flood_of_malformed_frames():
     outcomes, healthy = Counter(), {}
     with ServedVerifier(model, max_sessions=8) as served:
         attacker = RawClient(served.address)
-        attacker.send(Hello("target-session", FINGERPRINT, SamplingParams(), "specexec"))
-        attacker.recv()
+        assert attacker.ask(Hello("target-session", FINGERPRINT, SamplingParams(), "specexec")).session
         fuzzer = FrameFuzzer(KEY, "target-session", vocab=96, seed=1234)
+        fuzzer.signer.epoch = attacker.signer.epoch  # a key holder who learned the epoch from a reply
         rss_before = rss_mb().get("VmRSS", 0)
 
         def healthy_session():
@@ -70,12 +70,16 @@ def test_live_server_survives_a_seeded_flood_of_malformed_frames():
                     continue  # 10 of these: each is ~9 MB
                 attacker.send_frames(fuzzer.frames(kind))
                 sent += 1
+                if kind == "oversized":  # libzmq drops the connection before buffering: no reply comes
+                    dropped = not attacker.sock.poll(1500)
+                    outcomes[(kind, "dropped unread" if dropped else "answered")] += 1
+                    continue
                 reply = attacker.recv(timeout_ms=20000)
                 outcomes[(kind, reply.code if isinstance(reply, ErrorReply) else type(reply).__name__)] += 1
         elapsed = time.perf_counter() - start
         thread.join(120)
         rss_after = rss_mb().get("VmRSS", 0)
-        history = len(served.server.signer._seen)
+        history = served.server.signer.remembered
         attacker.close()
         alive = remote_run(served.address, draft, PROMPT, 8, budget=4)
     assert healthy["out"].token_ids == solo and healthy["out"].error is None
@@ -83,7 +87,7 @@ def test_live_server_survives_a_seeded_flood_of_malformed_frames():
     assert sum(outcomes.values()) == sent  # every malformed message got an answer
     accepted = {key: n for key, n in outcomes.items() if key[1] in ("Verdict", "Welcome")}
     assert not accepted, f"malformed frames that were served: {accepted}"
-    assert history <= 1 << 16
+    assert history <= sent + 100
     assert rss_after - rss_before < 256, (rss_before, rss_after)
     by_kind = {}
     for (kind, code), n in sorted(outcomes.items()):

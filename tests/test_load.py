@@ -1,6 +1,8 @@
 """Load: eight drafters at once against one verifier; caps on sessions and cached tokens."""
 
+import os
 import threading
+from collections import Counter
 
 from specexec.drafter.draft_model import DraftModel
 from figures import record
@@ -101,6 +103,7 @@ def test_verifier_process_memory_under_eight_sessions(tmp_path):
     paths, model = save_tiny_pair(tmp_path)
     key = tmp_path / "hmac.key"
     key.write_bytes(KEY)
+    key.chmod(0o600)
     address = f"tcp://127.0.0.1:{free_port()}"
     proc = start_serve(paths["target"], address, str(key), "--max-sessions", "8")
     draft = perturbed(model, 0.05)
@@ -122,3 +125,108 @@ def test_verifier_process_memory_under_eight_sessions(tmp_path):
     peak_loaded = max(r.stats.verifier_peak_rss_mb for r in results.values())
     assert peak_alone > 0 and peak_loaded < peak_alone + 200
     record("load", verifier_process_peak_rss_mb={"one_session": peak_alone, "eight_sessions": peak_loaded})
+
+
+LOAD_S = float(os.environ.get("SPECEXEC_LOAD_S", "20"))  # the standing run: SPECEXEC_LOAD_S=600
+LOAD_IDLE = int(os.environ.get("SPECEXEC_LOAD_IDLE", "1000"))
+RSS_BOUND_MB = 256  # growth of the verifier's resident memory over the run, above its warm level
+WAIT_BOUND_S = 10.0  # the longest a legitimate round may wait for its verdict
+
+
+def test_standing_load(tmp_path):
+    """8 sessions generating for LOAD_S seconds against one verifier process, beside idle connections
+    and a flood of junk frames: every output equals its solo run, memory and waits stay bounded."""
+    import socket
+    import time
+    from frame_fuzzer import KINDS, FrameFuzzer
+    from processes import free_port, start_serve, stop
+    from specexec.protocol.fingerprint import tokenizer_fingerprint
+    from served import KEY
+    from tiny_models import save_tiny_pair, tiny_tokenizer
+    paths, model = save_tiny_pair(tmp_path)
+    key = tmp_path / "hmac.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    proc = start_serve(paths["target"], address, str(key), "--max-sessions", "16")
+    draft = perturbed(model, 0.05)
+    fingerprint = tokenizer_fingerprint(tiny_tokenizer())
+    jobs = [(p, SamplingParams(temperature=0.0 if i < 4 else 0.8, top_p=0.95, seed=i))
+            for i, p in enumerate(prompts(8))]
+    stop_at, stopping = None, threading.Event()
+    counts, mismatches, waits, errors, rss = Counter(), [], [], [], []
+    idle = []
+
+    def rss_now():
+        with open(f"/proc/{proc.pid}/status") as fh:
+            return next(int(l.split()[1]) / 1024 for l in fh if l.startswith("VmRSS"))
+
+    def drafter(i):
+        prompt, params = jobs[i]
+        while time.monotonic() < stop_at:
+            try:
+                out = remote_run(address, DraftModel(draft), prompt, N, budget=8, params=params,
+                                 fingerprint=fingerprint, timeout_s=60, overlap=i % 2 == 0)
+            except Exception as err:  # surfaced below
+                errors.append(repr(err))
+                return
+            counts[i] += 1
+            waits.append(max(r.verify_s for r in out.stats.rounds))
+            if out.token_ids != solo[i] or out.error:
+                mismatches.append((i, out.error))
+
+    def junk():
+        from served import RawClient
+        c = RawClient(address)
+        c.ask(Hello("junk-session", fingerprint, SamplingParams(), "specexec"))
+        fuzzer = FrameFuzzer(KEY, "junk-session", vocab=96, seed=7)
+        fuzzer.signer.epoch = c.signer.epoch
+        kinds = [k for k in KINDS if k != "oversized"]
+        while not stopping.is_set():
+            c.send_frames(fuzzer.frames(kinds[counts["junk"] % len(kinds)]))
+            counts["junk"] += 1
+            c.recv(timeout_ms=30000)
+        c.close()
+
+    def sample_rss():
+        while not stopping.is_set():
+            rss.append(rss_now())
+            time.sleep(0.5)
+
+    try:
+        solo = [remote_run(address, DraftModel(draft), p, N, budget=8, params=s, fingerprint=fingerprint).token_ids
+                for p, s in jobs]
+        warm = rss_now()
+        for _ in range(LOAD_IDLE):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            idle.append(s)
+        stop_at = time.monotonic() + LOAD_S
+        threads = [threading.Thread(target=drafter, args=(i,)) for i in range(8)]
+        helpers = [threading.Thread(target=junk), threading.Thread(target=sample_rss)]
+        for t in threads + helpers:
+            t.start()
+        for t in threads:
+            t.join(LOAD_S + 300)
+        stopping.set()
+        for t in helpers:
+            t.join(60)
+    finally:
+        stopping.set()
+        for s in idle:
+            s.close()
+        stop(proc)
+    assert not errors and not mismatches, (errors, mismatches)
+    assert all(counts[i] >= 1 for i in range(8)), counts
+    growth = max(rss) - warm
+    assert growth < RSS_BOUND_MB, (warm, max(rss))
+    assert max(waits) < WAIT_BOUND_S, max(waits)
+    figures = dict(seconds=LOAD_S, sessions=8, idle_connections=LOAD_IDLE,
+                   generations=sum(counts[i] for i in range(8)), junk_frames=counts["junk"],
+                   outputs_identical_to_solo=True, verifier_rss_warm_mb=round(warm, 1),
+                   verifier_rss_peak_mb=round(max(rss), 1), verifier_rss_growth_mb=round(growth, 1),
+                   longest_round_wait_s=round(max(waits), 3))
+    print("standing load:", figures)
+    record("standing_load", **figures)

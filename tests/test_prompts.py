@@ -62,3 +62,17 @@ def test_templates_feed_humaneval_raw_and_chat_sets_through_the_chat_template():
     assert oasst.render(tok, "raw") == tok(oasst.text)["input_ids"]  # the reference's own layout
     with pytest.raises(ValueError, match="unknown template 'jinja'"):
         he.render(tok, "jinja")
+
+
+@pytest.mark.parametrize("name, content, text", [
+    ("empty.json", "[]", "holds no prompts"),
+    ("empty.jsonl", "\n\n", "holds no prompts"),
+    ("prompts.txt", "hello", "unknown prompt file format '.txt'"),
+    ("prompts.csv", "id,prompt\n1,hi", "unknown prompt file format '.csv'"),
+])
+def test_empty_or_unknown_prompt_files_are_clear_errors(tmp_path, name, content, text):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=text) as err:
+        prompts.load(str(path))
+    assert str(path) in str(err.value)

@@ -111,7 +111,7 @@ def test_unreachable_verifier_keeps_what_was_generated(pair):
 
 
 def test_curve_encrypted_link(pair, tmp_path):
-    from specexec.drafter.remote import RemoteVerifier, VerifierUnreachable
+    from specexec.drafter.remote import HandshakeRefused, RemoteVerifier
     from specexec.protocol.messages import Hello
     from specexec.protocol.security import generate_keys
     from served import FINGERPRINT, KEY
@@ -130,6 +130,39 @@ def test_curve_encrypted_link(pair, tmp_path):
         assert out.token_ids == ref
         plain = RemoteVerifier(served.address, Hello("p", FINGERPRINT, SamplingParams(), "specexec"), KEY,
                                timeout_s=2)
-        with pytest.raises(VerifierUnreachable):
-            plain.open()  # no CURVE handshake: the server never lets it in
+        with pytest.raises(HandshakeRefused, match="CURVE is on at one side only"):
+            plain.open()  # no CURVE handshake: the server never lets it in, and we say why
         plain.close(wait_s=0)
+
+
+@pytest.mark.parametrize("case, text", [
+    ("unauthorized client key", "not in the verifier's authorized/ directory"),
+    ("wrong server key", "the server.key here is not this verifier's"),
+])
+def test_a_refused_curve_handshake_is_reported_as_such(pair, tmp_path, case, text):
+    """Not "no connection for 30 s": the drafter says the verifier refused the handshake, and why."""
+    import shutil
+    import time
+    import zmq.auth
+    from figures import record
+    from specexec.drafter.remote import HandshakeRefused, RemoteVerifier
+    from specexec.protocol.messages import Hello
+    from specexec.protocol.security import generate_keys
+    from served import FINGERPRINT, KEY
+    model, _ = pair
+    keys = generate_keys(tmp_path / "server-side")
+    mine = generate_keys(tmp_path / "client-side")  # a keypair the verifier has never seen
+    if case == "wrong server key":
+        shutil.copy(keys / "client.key_secret", mine / "client.key_secret")  # authorized client, foreign server.key
+    else:
+        shutil.copy(keys / "server.key", mine / "server.key")  # the right server, a client key it never authorized
+    with ServedVerifier(model, curve_dir=str(keys)) as served:
+        link = RemoteVerifier(served.address, Hello("h", FINGERPRINT, SamplingParams(), "specexec"), KEY,
+                              curve_dir=str(mine), timeout_s=30)
+        t = time.monotonic()
+        with pytest.raises(HandshakeRefused, match=text):
+            link.open()
+        took = time.monotonic() - t
+        link.close(wait_s=0)
+    assert took < 10, took
+    record("access", curve_refused={case: {"seconds": round(took, 2), "message": text}})

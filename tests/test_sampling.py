@@ -114,3 +114,31 @@ def test_top_k_and_min_p_match_brute_force(top_k, min_p):
 def test_bad_top_k_min_p_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-310, 1e-6])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    from specexec.protocol.sampling import GREEDY_BELOW
+    params = SamplingParams(temperature=temperature)
+    assert temperature < GREEDY_BELOW and params.greedy and params.temperature == 0.0
+    logits = torch.tensor([0.1, 3.0, -2.0, 2.9])
+    assert target_distribution(logits, params).tolist() == [0, 1, 0, 0]
+    assert SamplingParams(temperature=GREEDY_BELOW).temperature == GREEDY_BELOW  # the threshold itself samples
+
+
+def test_a_tiny_temperature_grows_a_finite_draft_tree():
+    from specexec.drafter.tree_search import TreeConfig, TreeSearch
+    from known_draft import KnownDraft
+    for rule in ("specexec", "specinfer"):
+        config = TreeConfig("specexec" if rule == "specexec" else "specinfer", 8)
+        search = TreeSearch(KnownDraft(24), config, SamplingParams(temperature=1e-40))
+        search.start([3, 1, 4])
+        search.grow()
+        assert all(math.isfinite(s) for s in search.score), rule
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_probabilities_are_refused_where_they_are_made(bad):
+    logits = torch.tensor([0.1, bad, 0.3])
+    with pytest.raises(ValueError, match="not finite"):
+        target_distribution(logits, SamplingParams(temperature=0.7))

@@ -43,6 +43,7 @@ def test_two_boxes_give_the_one_machine_output(boxes, tmp_path):
     paths, _ = save_tiny_pair(tmp_path)
     key = tmp_path / "hmac.key"
     key.write_text("x" * 64)
+    key.chmod(0o600)
     port = 5577
     verifier = _serve(boxes, paths, key, port)
     relay = None

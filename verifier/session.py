@@ -1,17 +1,27 @@
-"""One generation session on the verifier: its KV cache, sampling rule and limits."""
+"""One generation session on the verifier: its KV cache, sampling rule and limits.
+
+A request is verified in steps so that memory stays linear in the tokens appended at once and
+a long prefill does not hold the verifier for its whole duration: `begin` checks it, each
+`advance` runs one forward over at most `prefill_chunk` appended tokens, and the last step
+(the rest of the append, then the tree) walks the tree and returns the verdict. The chunks
+give the same logits as one forward over everything (causal attention over the same cache).
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from specexec.protocol.messages import Verdict, VerifyRequest
 from specexec.protocol.kv_prune import cache_length
 from specexec.protocol.sampling import SamplingParams
-from specexec.protocol.tree import TreeError
+from specexec.protocol.tree import DraftTree, TreeError
 from specexec.verifier.acceptance import RULES, walk
-from specexec.verifier.placement import peak_rss_mb
+from specexec.verifier.disk_streamer import StreamStats
+from specexec.verifier.request_memory import RequestMemory
 from specexec.verifier.target_model import TargetModel
+
+PREFILL_CHUNK = 512  # appended tokens per forward before the tree's
 
 
 @dataclass(frozen=True)
@@ -19,10 +29,29 @@ class SessionConfig:
     params: SamplingParams
     rule: str = "specexec"  # which acceptance rule the drafter's trees are built for
     stop_ids: frozenset[int] = frozenset()
+    prefill_chunk: int = PREFILL_CHUNK
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown acceptance rule {self.rule!r}; expected one of {RULES}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+
+
+@dataclass
+class _Work:
+    request: VerifyRequest
+    memory: RequestMemory
+    base: int  # cached tokens before the request
+    fed: int = 0  # appended tokens already in the cache
+    busy_s: float = 0.0  # time spent in this request's forwards and walk
+    read: dict = field(default_factory=dict)  # a disk-streamed target's reads for this request's forwards
+
+    def count_reads(self, stream: StreamStats | None) -> None:
+        if stream is not None:
+            for key, value in (("read_bytes", stream.bytes_read), ("read_s", stream.read_s),
+                               ("read_wait_s", stream.wait_s)):
+                self.read[key] = self.read.get(key, 0) + value
 
 
 class TargetSession:
@@ -33,6 +62,7 @@ class TargetSession:
         self.config = config
         self.cache = target.new_cache()
         self.rounds = 0
+        self.work: _Work | None = None
 
     @property
     def processed(self) -> int:
@@ -54,18 +84,53 @@ class TargetSession:
                 and not request.tree.has_draft_probs:
             raise TreeError("the specinfer rule needs the draft distributions (q) with the tree")
 
-    def verify(self, request: VerifyRequest) -> Verdict:
+    def begin(self, request: VerifyRequest) -> None:
+        """Check a request and make it this session's work; `advance` until it returns the verdict."""
         self.check(request)
+        self.work = _Work(request, RequestMemory.start(), self.processed)
+
+    def advance(self) -> Verdict | None:
+        """One forward of the work in hand: a prefill chunk (None), or the tree and the verdict.
+
+        A failing step drops the request and its chunks from the cache, then raises."""
+        work = self.work
+        if work is None:
+            raise RuntimeError("no request in progress")
         start = time.perf_counter()
-        position = self.processed + len(request.append)
-        outputs = self.target.forward(self.cache, request.append, request.tree)
+        work.memory.step_begin()
+        append, chunk = work.request.append, self.config.prefill_chunk
+        try:
+            if len(append) - work.fed > chunk:
+                self.target.forward(self.cache, append[work.fed:work.fed + chunk], DraftTree.empty())
+                work.fed += chunk
+                result = None
+            else:
+                result = self._walk(work.request, append[work.fed:])
+            work.count_reads(self.target.last_stream)
+        except BaseException:
+            self.target.truncate(self.cache, work.base)
+            self.work = None
+            raise
+        work.memory.step_end()
+        work.busy_s += time.perf_counter() - start
+        if result is None:
+            return None
+        self.work = None
+        self.rounds += 1
+        return Verdict(work.request.round, result.accepted, result.bonus, result.finished,
+                       verify_s=work.busy_s, extra={**work.memory.report(), **work.read})
+
+    def _walk(self, request: VerifyRequest, rest: list[int]):
+        position = self.processed + len(rest)
+        outputs = self.target.forward(self.cache, rest, request.tree)
         result = walk(request.tree, outputs.logits, self.config.params, self.config.rule,
                       position, request.max_emit, self.config.stop_ids)
         self.target.commit(self.cache, len(request.tree), result.accepted)
-        self.rounds += 1
-        extra = {"peak_rss_mb": round(peak_rss_mb(), 1)}
-        if self.target.last_stream is not None:
-            read = self.target.last_stream
-            extra.update(read_bytes=read.bytes_read, read_s=round(read.read_s, 4), read_wait_s=round(read.wait_s, 4))
-        return Verdict(request.round, result.accepted, result.bonus, result.finished,
-                       verify_s=time.perf_counter() - start, extra=extra)
+        return result
+
+    def verify(self, request: VerifyRequest) -> Verdict:
+        """The whole request at once (every chunk, then the tree)."""
+        self.begin(request)
+        while (verdict := self.advance()) is None:
+            pass
+        return verdict
