@@ -172,57 +172,45 @@ def exact_first_tokens(model, prompt, params, k=3):
     return probs
 
 
-@pytest.mark.parametrize("method", ["specexec", "specinfer"])
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 0.9)])
-def test_sampling_is_lossless(method, temperature, top_p):
-    """Empirical law of the first 3 tokens over 2000 seeded runs equals the target's exact law."""
-    model = tiny_lm("llama", vocab=6, hidden=32, init_range=0.6, seed=3)
-    draft = DraftModel(perturbed(model, 0.8, seed=5))
-    target = TargetModel(model)
-    prompt = [1, 4, 2]
-    exact = exact_first_tokens(model, prompt, SamplingParams(temperature, top_p))
-    counts, n = Counter(), 2000
-    for seed in range(n):
-        params = SamplingParams(temperature, top_p, seed)
-        out = run(target, draft, prompt, 3, method=method, budget=6, params=params,
-                  max_n_beams=4, branch_width=3)
-        counts[tuple(out.token_ids)] += 1
-    ok, stat, crit = matches(counts, exact, n)
-    assert ok, f"chi2 {stat:.1f} >= {crit:.1f}"
-    # Power: a sampler that leaked the draft's law into the output would be caught at this n.
-    leaked = exact_first_tokens(draft.model, prompt, SamplingParams(temperature, top_p))
-    expected_if_leaked = {cell: round(p * n) for cell, p in leaked.items()}
-    assert not matches(expected_if_leaked, exact, n)[0]
-
-
 # Trees smaller than width x depth, so the budget trims: the case a biased trim shows up in.
+# "specinfer" is issue 16's example (SpecInfer grows a 2 x 1 tree there); "specinfer 2x2" has chains.
 TRIMMED = {
-    "specexec": dict(budget=2, branch_width=3, max_depth=2, max_n_beams=4),
-    "specinfer": dict(budget=4, branch_width=2, max_depth=3, max_n_beams=4),
-    "chain": dict(budget=2, max_depth=3, max_n_beams=4),
+    "specexec": ("specexec", dict(budget=2, branch_width=3, max_depth=2, max_n_beams=4)),
+    "specinfer": ("specinfer", dict(budget=2, branch_width=3, max_depth=2, max_n_beams=4)),
+    "specinfer 2x2": ("specinfer", dict(budget=4, branch_width=2, max_depth=3, max_n_beams=4)),
+    "chain": ("chain", dict(budget=2, max_depth=3, max_n_beams=4)),
 }
+# One tiny pair per temperature, spread enough that the first two tokens fall in many cells:
+# 6 at t=1 with init 0.6, 10 at t=0.6 (top-p 0.9) with init 0.2 (0.6 leaves a single cell there).
+INIT_RANGE = {1.0: 0.6, 0.6: 0.2}
 
 
 @pytest.fixture(scope="module")
-def small_pair():
-    model = tiny_lm("llama", vocab=6, hidden=32, init_range=0.6, seed=3)
-    return model, TargetModel(model), DraftModel(perturbed(model, 0.8, seed=5))
+def small_pairs():
+    pairs = {}
+    for temperature, init in INIT_RANGE.items():
+        model = tiny_lm("llama", vocab=6, hidden=32, init_range=init, seed=3)
+        pairs[temperature] = model, TargetModel(model), DraftModel(perturbed(model, 0.8, seed=5))
+    return pairs
 
 
-@pytest.mark.parametrize("method", sorted(TRIMMED))
+@pytest.mark.parametrize("case", sorted(TRIMMED))
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 0.9)])
-def test_first_two_tokens_follow_the_target_when_the_budget_trims(small_pair, method, temperature, top_p):
-    """Empirical law of the first 2 tokens over 2000 seeded runs vs the target's exact law (p = 0.001)."""
-    model, target, draft = small_pair
+def test_first_two_tokens_follow_the_target_when_the_budget_trims(small_pairs, case, temperature, top_p):
+    """Empirical law of the first 2 tokens over 2000 seeded runs vs the target's exact law (p = 0.001).
+    The SpecInfer of commit 7cafc2b (siblings trimmed by their own probability) fails "specinfer"
+    with chi2 45.6 (t=1, threshold 22.7) and 39.2 (t=0.6, threshold 28.1), and "specinfer 2x2" at
+    t=0.6 with 49.7."""
+    model, target, draft = small_pairs[temperature]
+    method, tree = TRIMMED[case]
     prompt = [5, 1, 0]
     exact = exact_first_tokens(model, prompt, SamplingParams(temperature, top_p), k=2)
     counts, n = Counter(), 2000
     for seed in range(n):
-        out = run(target, draft, prompt, 2, method=method, params=SamplingParams(temperature, top_p, seed),
-                  **TRIMMED[method])
+        out = run(target, draft, prompt, 2, method=method, params=SamplingParams(temperature, top_p, seed), **tree)
         counts[tuple(out.token_ids)] += 1
     ok, stat, crit = matches(counts, exact, n, alpha=1e-3)
-    assert ok, f"{method} t={temperature}: chi2 {stat:.1f} >= {crit:.1f}"
+    assert ok, f"{case} t={temperature}: chi2 {stat:.1f} >= {crit:.1f}"
     # Power: the draft's own law (what a sampler leaking the proposal would give) fails the check.
     leaked = exact_first_tokens(draft.model, prompt, SamplingParams(temperature, top_p), k=2)
     assert not matches({c: round(p * n) for c, p in leaked.items()}, exact, n, alpha=1e-3)[0]
