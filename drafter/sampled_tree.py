@@ -98,8 +98,10 @@ class SampledTree:
         return False
 
     def tree(self) -> RoundTree:
-        """The round's tree in wire form; ranks are level by level, chains in sampling order, so the
-        tree of a smaller budget B >= k is the nodes ranked below B (rounded down to whole levels)."""
+        """The round's tree in wire form. Nodes are numbered level by level, chains in sampling order,
+        and ranked by that number: the shape of a smaller budget B is the nodes ranked below B when
+        B < k or k divides B (otherwise it drops the last partial level), which is what
+        `--budget auto`'s warm-up assumes."""
         nodes = list(range(len(self.tokens)))
         if self.params.greedy:
             return RoundTree(DraftTree.build(self.tokens, self.parents), nodes, nodes)
