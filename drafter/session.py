@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from specexec.drafter.budget_tuner import AutoBudget
-from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.drafter.search_api import DraftSearch
+from specexec.drafter.tree_search import TreeConfig
 from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
 from specexec.protocol.messages import VerifyRequest
 from specexec.protocol.sampling import SamplingParams
@@ -21,6 +22,10 @@ from specexec.protocol.tree import DraftTree
 
 
 RESEND_ATTEMPTS = 5  # re-sends of the committed sequence in one round before giving up
+
+# Why generation ended: a stop token, max_new_tokens, the target's context (max_context) full, or
+# the verifier lost for good (GenerationResult.error says how; the tokens so far are kept).
+FINISH_REASONS = ("stop", "length", "context", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,9 @@ class RunOptions:
 class RoundStats:
     tree_size: int
     tree_depth: int
-    accepted: int  # tokens emitted this round, the bonus included
+    accepted: int  # tokens emitted this round: the accepted path and the bonus
     reused: int  # nodes carried over from the previous round's search (overlap hits)
+    draft_forwards: int  # draft model forwards this round (growth, overlap growth, reroot)
     draft_s: float
     verify_s: float
 
@@ -59,6 +65,8 @@ class GenerationStats:
     verifier_memory: str = "rss"  # where verifier_peak_rss_mb comes from: "rss" or "cgroup"
     read_bytes: int = 0  # weights the verifier read from disk (a disk-streamed target), over all passes
     read_s: float = 0.0  # seconds its reader spent reading them
+    finish_reason: str = "length"  # one of FINISH_REASONS
+
     @property
     def gen_rate(self) -> float:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
@@ -94,6 +102,7 @@ class GenerationStats:
             "verifier_peak_rss_mb": self.verifier_peak_rss_mb, "verifier_memory": self.verifier_memory,
             "read_gb_per_pass": round(self.read_bytes / 1e9 / max(self.target_forwards, 1), 4),
             "read_gbps": round(self.read_bytes / 1e9 / self.read_s, 4) if self.read_s else 0.0,
+            "finish_reason": self.finish_reason,
             **self.link,
         }
 
@@ -105,10 +114,13 @@ class GenerationStats:
 class GenerationResult:
     prompt_ids: list[int]
     token_ids: list[int]
-    finished: bool  # a stop token ended it (False: max_new_tokens did)
     stats: GenerationStats
-    error: str | None = None  # why generation stopped early; token_ids holds what was kept
-    context_full: bool = False  # the target's context (max_context) ended it
+    error: str | None = None  # why generation was interrupted; token_ids holds what was kept
+
+    @property
+    def finish_reason(self) -> str:
+        """One of FINISH_REASONS; the stats summary carries it too."""
+        return self.stats.finish_reason
 
 
 @dataclass
@@ -124,9 +136,10 @@ class _Progress:
 class DraftSession:
     """Generates one continuation against a verifier, drafting with `search` (None: no draft)."""
 
-    def __init__(self, link: VerifierLink, config: TreeConfig, search: TreeSearch | None,
+    def __init__(self, link: VerifierLink, config: TreeConfig, search: DraftSearch | None,
                  max_new_tokens: int, overlap: bool = False, session_id: str | None = None,
-                 auto_budget: AutoBudget | None = None, max_context: int | None = None):
+                 auto_budget: AutoBudget | None = None, max_context: int | None = None,
+                 stop_ids: frozenset[int] = frozenset()):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if search is None and config.method != "autoregressive":
@@ -136,6 +149,7 @@ class DraftSession:
         self.session_id = session_id or uuid.uuid4().hex
         self.auto = auto_budget if search is not None else None
         self.max_context = max_context  # committed + tree tokens the target accepts (None: no limit)
+        self.stop_ids = stop_ids  # the verifier's; tells a stop token at the length limit from the limit
 
     def generate(self, prompt_ids: list[int], on_tokens: Callable[[list[int]], None] | None = None
                  ) -> GenerationResult:
@@ -163,9 +177,15 @@ class DraftSession:
         if self.auto:  # the chosen budget, or the warm-up's if the text ended before the choice
             stats.budget = self.auto.budget
         stats.link = {k: round(v - link_before.get(k, 0), 6) for k, v in self._link_counters().items()}
-        full = (error is None and not state.finished and len(state.new) < self.max_new_tokens
-                and self._room(state) <= 0)
-        return GenerationResult(list(prompt_ids), state.new, state.finished, stats, error, full)
+        stats.finish_reason = self._finish_reason(state, error)
+        return GenerationResult(list(prompt_ids), state.new, stats, error)
+
+    def _finish_reason(self, state: _Progress, error: str | None) -> str:
+        if error is not None:
+            return "interrupted"
+        if state.finished and (len(state.new) < self.max_new_tokens or state.new[-1] in self.stop_ids):
+            return "stop"  # the verifier also says finished when the quota is used up
+        return "length" if len(state.new) >= self.max_new_tokens else "context"
 
     def _room(self, state: _Progress) -> int:
         """Tree nodes the target's context still has room for (>= 0 means a round can run)."""
@@ -175,6 +195,7 @@ class DraftSession:
 
     def _round(self, state: _Progress, stats: GenerationStats, on_tokens) -> None:
         t = time.perf_counter()
+        forwards = self.search.draft.forwards if self.search else 0
         sent = None
         if self.search:
             if self._room(state) < self.search.config.budget:
@@ -204,7 +225,8 @@ class DraftSession:
             self.search.reroot(sent, verdict.accepted, verdict.bonus)
         draft_s += grow_s + time.perf_counter() - t
         depth = int(tree.depths().max()) if len(tree) else 0
-        stats.rounds.append(RoundStats(len(tree), depth, len(tokens), reused, draft_s, verify_s))
+        forwards = self.search.draft.forwards - forwards if self.search else 0
+        stats.rounds.append(RoundStats(len(tree), depth, len(tokens), reused, forwards, draft_s, verify_s))
         stats.draft_s += draft_s
         stats.verify_s += verify_s
 

@@ -1,4 +1,4 @@
-"""Growing draft trees: SpecExec best-first search, SpecInfer sampled trees, chains.
+"""Growing draft trees: SpecExec best-first search, and greedy chains.
 
 One search object lives for a whole generation. Node 0 is the root (the last committed token);
 every other node has a parent, a token, a depth and a score, the draft's cumulative
@@ -15,11 +15,9 @@ go to the earlier-discovered node).
 Past the budget (`grow_beyond`, the overlap) the same queue keeps being expanded in the same
 order, and `reroot` carries the new root's subtree and its draft KV into the next round.
 
-SpecInfer trees use the same machinery with children *sampled* without replacement from the
-draft distribution q (truncated to its top `q_support` tokens and renormalised, which is then
-exactly the proposal the acceptance rule is given); sibling scores are clamped to decrease in
-sampling order so the kept siblings are always the first ones sampled. A chain is a tree with
-`branch_width` 1.
+A greedy chain is a tree with `branch_width` 1. SpecInfer trees and sampled chains are not
+grown here but in drafter/sampled_tree.py (fixed shapes, so the multi-draft rule stays exact);
+drafter/search_api.py picks the search for a method.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from specexec.drafter.draft_model import DraftModel
@@ -47,12 +44,13 @@ class RoundTree:
 
 class TreeSearch:
     def __init__(self, draft: DraftModel, config: TreeConfig, params: SamplingParams):
+        if config.method == "specinfer" or (config.rule == "specinfer" and not params.greedy):
+            raise ValueError(f"{config.method} trees at t={params.temperature} are sampled: "
+                             "use drafter.search_api.make_search")
         self.draft = draft
         self.config = config
         self.params = params
-        self.sampled = config.rule == "specinfer" and not params.greedy
         self.draft_temperature = params.temperature if params.temperature > 0 else 1.0
-        self.rng = torch.Generator().manual_seed(params.seed)
         self.reused = 0  # nodes carried into a round by reroot, for the overlap hit statistic
         self._clear(0)
 
@@ -61,7 +59,6 @@ class TreeSearch:
     def _clear(self, root_token: int) -> None:
         self.token, self.parent, self.score = [root_token], [ROOT], [0.0]
         self.depth, self.slot = [0], [ROOT]
-        self.q: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.child_of: dict[tuple[int, int], int] = {}
         self.candidates: list[tuple[float, int]] = []
         self.selected: list[int] = []
@@ -135,8 +132,6 @@ class TreeSearch:
 
     def _discover(self, nodes: list[int], logits: torch.Tensor) -> None:
         """Add the children of freshly expanded `nodes` as candidates."""
-        if self.sampled:
-            return self._discover_sampled(nodes, logits)
         logp = torch.log_softmax(logits.float() / self.draft_temperature, dim=-1)
         vals, ids = torch.topk(logp, min(self.config.width, logp.shape[-1]), dim=-1, sorted=True)
         vals, ids = vals.tolist(), ids.tolist()
@@ -146,26 +141,6 @@ class TreeSearch:
             base = self.score[nid]
             for v, t in zip(vals[row], ids[row]):
                 self._add(nid, t, base + v)
-
-    def _discover_sampled(self, nodes: list[int], logits: torch.Tensor) -> None:
-        probs = torch.softmax(logits.float() / self.draft_temperature, dim=-1)
-        q_vals, q_ids = torch.topk(probs, min(self.config.q_support, probs.shape[-1]), dim=-1)
-        q_vals = q_vals / q_vals.sum(-1, keepdim=True)
-        k = min(self.config.width, q_vals.shape[-1])
-        gumbel = -torch.log(-torch.log(torch.rand(q_vals.shape, generator=self.rng).clamp_min(1e-20)))
-        perturbed = torch.log(q_vals.clamp_min(1e-30)) + gumbel
-        perturbed[q_vals <= 0] = -float("inf")
-        order = torch.topk(perturbed, k, dim=-1, sorted=True).indices  # without replacement
-        for row, nid in enumerate(nodes):
-            self.q[nid] = (q_ids[row].numpy().astype(np.int32), q_vals[row].numpy().astype(np.float32))
-            if self.depth[nid] >= self.config.max_depth:
-                continue
-            base, prev = self.score[nid], self.score[nid]
-            for j in order[row].tolist():
-                if q_vals[row, j] <= 0:
-                    break
-                prev = min(prev, base + float(torch.log(q_vals[row, j])))
-                self._add(nid, int(q_ids[row, j]), prev)
 
     # -- the round's tree ----------------------------------------------------------------------
 
@@ -179,16 +154,7 @@ class TreeSearch:
         index[0] = ROOT
         tokens = [self.token[n] for n in nodes]
         parents = [index[self.parent[n]] for n in nodes]
-        if not self.sampled:
-            return RoundTree(DraftTree.build(tokens, parents), nodes, ranks)
-        width = self.config.q_support
-        q_ids = np.zeros((len(nodes) + 1, width), dtype=np.int32)
-        q_probs = np.zeros((len(nodes) + 1, width), dtype=np.float32)
-        for row, n in enumerate([0] + nodes):
-            if n in self.q:
-                ids, probs = self.q[n]
-                q_ids[row, : len(ids)], q_probs[row, : len(ids)] = ids, probs
-        return RoundTree(DraftTree.build(tokens, parents, q_ids, q_probs), nodes, ranks)
+        return RoundTree(DraftTree.build(tokens, parents), nodes, ranks)
 
     # -- the next round -----------------------------------------------------------------------
 
@@ -221,11 +187,9 @@ class TreeSearch:
         tree_slots = [self.slot[n] for n in old if n != root and self.slot[n] is not None]
         self.draft.keep(path_slots, tree_slots)
         new_slot = {s: i for i, s in enumerate(sorted(tree_slots))}
-        token, parent, score, depth, slot, q = self.token, self.parent, self.score, self.depth, self.slot, self.q
+        token, parent, score, depth, slot = self.token, self.parent, self.score, self.depth, self.slot
         self._clear(token[root])
         renum = {root: 0}
-        if root in q:
-            self.q[0] = q[root]
         base, base_depth = score[root], depth[root]
         for n in old[1:]:
             nid = len(self.token)
@@ -236,8 +200,6 @@ class TreeSearch:
             self.depth.append(depth[n] - base_depth)
             self.slot.append(None if slot[n] is None else new_slot[slot[n]])
             self.child_of[(self.parent[nid], token[n])] = nid
-            if n in q:
-                self.q[nid] = q[n]
             if self.slot[nid] is None:
                 heapq.heappush(self.candidates, (-self.score[nid], nid))
             else:

@@ -57,19 +57,6 @@ class Completion:
     error: str | None = None
 
 
-def finish_reason(result, stop_ids: frozenset[int]) -> str:
-    """Why a `GenerationResult` ended (`finished` is also set at max_new_tokens, so a stop token
-    is read from the last token). The one place to swap for `result.finish_reason` once the
-    drafter reports it itself."""
-    if result.token_ids and result.token_ids[-1] in stop_ids:
-        return "stop"
-    if result.context_full:
-        return "context"
-    if result.error:
-        return "interrupted"
-    return "length"
-
-
 class StopMatcher:
     """Cuts streamed text before the first stop string, holding back what may start one."""
 
@@ -351,12 +338,12 @@ class LLM:
             return run.completion("stop")
         except _Cancelled:
             return run.completion("interrupted")
-        if result.context_full and not result.token_ids:
+        if result.finish_reason == "context" and not result.token_ids:
             raise PromptTooLong(f"the prompt ({len(req.prompt_ids)} tokens) leaves no room in the target's context")
         tail = run.matcher.flush()
         if tail:
             run.job.sink(tail)
-        return Completion(run.matcher.text, result.token_ids, finish_reason(result, self.pipe.stop_ids),
+        return Completion(run.matcher.text, result.token_ids, result.finish_reason,
                           len(req.prompt_ids), result.stats.summary(), result.error)
 
     def _round(self, seconds: float, tokens: int) -> None:

@@ -263,7 +263,7 @@ def run_one(pipe, prompt_ids, options, as_json) -> int:
         _report(stream, emitted, len(prompt_ids), None, as_json, "interrupted")
         return 130
     _report(stream, result.token_ids, len(prompt_ids), result.stats.summary(), as_json, result.error)
-    if result.context_full:
+    if result.finish_reason == "context":
         click.echo(f"[stopped after {len(result.token_ids)} tokens: the target's context is full]", err=True)
     return 1 if result.error else 0
 
@@ -341,7 +341,7 @@ def chat_loop(pipe, options, system: str | None = None) -> None:
         if result.error:
             click.echo(f"[stopped: {result.error}]", err=True)
             break
-        if result.context_full:
+        if result.finish_reason == "context":
             click.echo("[the target's context is full: start a new chat]", err=True)
             break
 
@@ -464,6 +464,9 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
               help="Write one JSON record per prompt and run (JSONL).")
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, callback=_needs_plot_extra,
               help="Write a PNG: gen_rate and tokens/s against budget.")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Run every configuration once on a short prefix first (first forwards of a shape are slow); "
+                   "skip it where a target pass costs seconds (an offloaded target).")
 @click.option("--verifier-memory-cap", "memory_cap", default=None, metavar="SIZE",
               help="Run the verifier started here in a memory cgroup of SIZE (e.g. 1800M) that counts the page "
                    "cache, its model files dropped from the cache first: the offloaded regime measured honestly.")
@@ -472,7 +475,8 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
 @link_options
 @placement_options
 def bench(models, prompt_sets, n_prompts, template, max_new_tokens, methods, budgets, temperatures, top_p, seed,
-          max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, memory_cap, read_bps, link, placement):
+          max_n_beams, branch_width, max_depth, simulate_bus_gbps, out, plot, warmup, memory_cap, read_bps, link,
+          placement):
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from specexec.launch import bench as benchmod
     from specexec.launch import prompts as promptmod
@@ -495,7 +499,7 @@ def bench(models, prompt_sets, n_prompts, template, max_new_tokens, methods, bud
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--prompts")
     spec = benchmod.BenchSpec(tuple(methods), tuple(budgets), tuple(temperatures), top_p, max_new_tokens, seed,
-                              max_depth=max_depth)
+                              warmup=warmup, max_depth=max_depth)
     shape = TreeConfig(max_n_beams=max_n_beams, branch_width=branch_width, max_depth=max_depth)
     needs_draft = any(m != "autoregressive" for m in methods)
     simulated = f" (simulated bus {simulate_bus_gbps:g} GB/s)" if simulate_bus_gbps else ""

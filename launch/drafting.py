@@ -27,7 +27,7 @@ from specexec.drafter.draft_model import DraftModel
 from specexec.drafter.quantize import int8_supported, quantize_int8
 from specexec.drafter.remote import RemoteVerifier
 from specexec.drafter.session import DraftSession, GenerationResult, RunOptions
-from specexec.drafter.tree_search import TreeSearch
+from specexec.drafter.search_api import make_search
 from specexec.launch import model_store
 from specexec.launch.loading import DTYPES, encode_chat, encode_prompt, load_causal_lm, load_tokenizer, report, \
     resolve_dtype
@@ -91,16 +91,17 @@ def check_pair(draft: DraftModel | None, target_vocab: int) -> None:
 # -- one generation ---------------------------------------------------------------------------
 
 def draft_session(link: VerifierLink, draft: DraftModel | None, tuners: BudgetTuners, options: RunOptions,
-                  context: str | None, max_context: int | None, session_id: str | None = None) -> DraftSession:
+                  context: str | None, max_context: int | None, stop_ids: frozenset[int] = frozenset(),
+                  session_id: str | None = None) -> DraftSession:
     """The drafter's loop for one run over `link`: the method's tree search and --budget auto's choice."""
     search = None
     if options.tree.method != "autoregressive":
         if draft is None:
             raise ValueError(f"method {options.tree.method} needs a draft model")
-        search = TreeSearch(draft, options.tree, options.sampling)
+        search = make_search(draft, options.tree, options.sampling)
     return DraftSession(link, options.tree, search, options.max_new_tokens, overlap=options.overlap,
                         session_id=session_id, auto_budget=tuners.for_run(options, context),
-                        max_context=max_context)
+                        max_context=max_context, stop_ids=stop_ids)
 
 
 def resolve_overlap(link: LinkOptions, placement: PlacementOptions) -> bool:
@@ -174,7 +175,7 @@ class RemotePipeline:
         try:
             link.open()
             drafter = draft_session(link, self.draft, self.tuners, options, context,
-                                    self.welcome.max_context, session_id)
+                                    self.welcome.max_context, self.stop_ids, session_id)
             result = drafter.generate(prompt_ids, on_tokens)
         finally:
             link.close()

@@ -33,6 +33,7 @@ def generate(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[i
     finally:
         hook.remove()
     new = out[0, len(prompt_ids):].tolist()
-    finished = bool(new) and new[-1] in stop_ids
-    stats = GenerationStats("hf-assisted", 0, new_tokens=len(new), target_forwards=len(calls), wall_s=wall)
-    return GenerationResult(list(prompt_ids), new, finished, stats)
+    stopped = bool(new) and new[-1] in stop_ids
+    stats = GenerationStats("hf-assisted", 0, new_tokens=len(new), target_forwards=len(calls), wall_s=wall,
+                            finish_reason="stop" if stopped else "length")
+    return GenerationResult(list(prompt_ids), new, stats)

@@ -78,7 +78,7 @@ class LocalPipeline:
         """One continuation; `context` lets `--budget auto` keep its choice across related prompts."""
         session = TargetSession(self.target, SessionConfig(options.sampling, options.tree.rule, self.stop_ids))
         drafter = draft_session(InProcessVerifier(session), self.draft, self.tuners, options, context,
-                                self.target.max_context)
+                                self.target.max_context, self.stop_ids)
         return drafter.generate(prompt_ids, on_tokens)
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from specexec.drafter.draft_model import DraftModel
 from specexec.drafter.session import DraftSession
-from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.drafter.search_api import make_search
+from specexec.drafter.tree_search import TreeConfig
 from specexec.protocol.sampling import SamplingParams
 from specexec.verifier.inprocess import InProcessVerifier
 from specexec.verifier.session import SessionConfig, TargetSession
@@ -19,7 +20,7 @@ def run(target, draft, prompt, n, method="specexec", budget=16, params=SamplingP
     search = None
     if method != "autoregressive":
         draft = draft if isinstance(draft, DraftModel) else DraftModel(draft)
-        search = TreeSearch(draft, config, params)
+        search = make_search(draft, config, params)
     link = InProcessVerifier(TargetSession(target, SessionConfig(params, config.rule, stop_ids)))
     return DraftSession(link, config, search, n, overlap=overlap, max_context=max_context,
-                        auto_budget=auto_budget).generate(list(prompt))
+                        auto_budget=auto_budget, stop_ids=stop_ids).generate(list(prompt))

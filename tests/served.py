@@ -11,7 +11,8 @@ import zmq
 from specexec.drafter.draft_model import DraftModel
 from specexec.drafter.remote import RemoteVerifier
 from specexec.drafter.session import DraftSession
-from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.drafter.search_api import make_search
+from specexec.drafter.tree_search import TreeConfig
 from specexec.protocol.codec import Limits
 from specexec.protocol.framing import Signer, read_frames, to_frames
 from specexec.protocol.messages import ErrorReply, Hello
@@ -95,7 +96,7 @@ def remote_run(address, draft, prompt, n, method="specexec", budget=16, params=S
     link = RemoteVerifier(address, Hello(session, fingerprint, params, config.rule), key, timeout_s=timeout_s)
     try:
         link.open()
-        search = None if method == "autoregressive" else TreeSearch(
+        search = None if method == "autoregressive" else make_search(
             draft if isinstance(draft, DraftModel) else DraftModel(draft), config, params)
         return DraftSession(link, config, search, n, overlap=overlap, session_id=session).generate(list(prompt))
     finally:

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import specexec
-from specexec.launch.api import Busy, Job, Request, Scheduler, StopMatcher, finish_reason
+from specexec.launch.api import Busy, Job, Request, Scheduler, StopMatcher
 from specexec.launch.cli import main
 from tiny_models import save_tiny_pair
 
@@ -114,13 +114,6 @@ def test_stop_matcher_holds_back_possible_starts():
     assert m.push("abE") == "ab" and m.flush() == "E" and m.text == "abE"
 
 
-def test_finish_reason_mapping():
-    from types import SimpleNamespace as R
-    stops = frozenset({2})
-    assert finish_reason(R(token_ids=[5, 2], finished=True, context_full=False, error=None), stops) == "stop"
-    assert finish_reason(R(token_ids=[5, 6], finished=True, context_full=False, error=None), stops) == "length"
-    assert finish_reason(R(token_ids=[5], finished=False, context_full=True, error=None), stops) == "context"
-    assert finish_reason(R(token_ids=[5], finished=False, context_full=False, error="lost"), stops) == "interrupted"
 
 
 def test_scheduler_is_fifo_and_bounded():

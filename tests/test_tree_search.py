@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from specexec.drafter.tree_search import TreeConfig, TreeSearch
@@ -93,35 +92,6 @@ def test_chain_is_one_path_of_budget_tokens():
     assert tree.parents.tolist() == [-1, 0, 1, 2, 3, 4, 5]
     # greedy chain = the draft's argmax continuation
     assert paths(tree) == oracle_top(PROMPT, VOCAB, 7, 1, 32)
-
-
-@pytest.mark.parametrize("method", ["specinfer", "chain"])
-def test_sampled_trees_carry_their_draft_distributions(method):
-    params = SamplingParams(temperature=0.8, top_p=1.0, seed=4)
-    config = TreeConfig(method, 30, max_n_beams=8, branch_width=4, q_support=10)
-    search, sent = grown(config, params)
-    tree = sent.tree
-    tree.validate(VOCAB)  # includes: every child has positive q under its parent
-    assert tree.has_draft_probs and len(tree) <= 30
-    assert np.allclose(tree.q_probs[[0] + [i + 1 for i in range(len(tree)) if tree.children(i)]].sum(1), 1, atol=1e-5)
-    for node in [ROOT] + list(range(len(tree))):
-        kids = tree.children(node)
-        assert len(kids) <= (1 if method == "chain" else 4)
-        # kept siblings are the first ones sampled: their search-node ids are consecutive from the first
-        ids = [sent.nodes[k] for k in kids]
-        if ids:
-            parent_node = 0 if node == ROOT else sent.nodes[node]
-            all_kids = sorted(c for c in range(len(search.token)) if search.parent[c] == parent_node)
-            assert ids == all_kids[: len(ids)]
-
-
-def test_sampled_children_differ_across_seeds():
-    config = TreeConfig("specinfer", 6, branch_width=3)
-    a = grown(config, SamplingParams(temperature=1.0, seed=1))[1].tree
-    b = grown(config, SamplingParams(temperature=1.0, seed=2))[1].tree
-    c = grown(config, SamplingParams(temperature=1.0, seed=1))[1].tree
-    assert paths(a) == paths(c)
-    assert paths(a) != paths(b)
 
 
 @pytest.mark.parametrize("kwargs, message", [
