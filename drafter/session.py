@@ -36,12 +36,23 @@ class RunOptions:
 
 @dataclass
 class RoundStats:
-    tree_size: int
+    """One round. Its wall time is draft_s + verify_s + wait_s; overlap_s ran under verify_s."""
+
+    tree_size: int  # nodes sent
     tree_depth: int
     emitted: int
-    reused: int  # nodes carried over from the previous round's search (overlap hits)
-    draft_s: float
-    verify_s: float
+    carried: int  # search nodes carried over from the previous round (its tree kept under the new root)
+    draft_s: float  # drafting the verifier waited for: growing before the submit, rerooting after
+    verify_s: float  # the verifier's own time for the pass (as it reports it)
+    wait_s: float = 0.0  # the rest of submit-to-verdict: transport, a verdict waiting on a draft forward
+    overlap_s: float = 0.0  # drafting while the verifier worked (hidden unless it made the verdict wait)
+    draft_forwards: int = 0
+    expanded: int = 0  # nodes the draft expanded this round (overlap included)
+    mode: str = "tree"  # "tree", "chain" or "autoregressive" (the guard's choice; drafter.speed_guard)
+
+    @property
+    def round_s(self) -> float:
+        return self.draft_s + self.verify_s + self.wait_s
 
 
 @dataclass
@@ -70,7 +81,7 @@ class GenerationStats:
         reference code's convention, which times and counts only the rounds after it.
         None when rounds were not recorded (a peer method timed from outside)."""
         later = self.rounds[1:]
-        seconds = sum(r.draft_s + r.verify_s for r in later)
+        seconds = sum(r.round_s for r in later)
         if not seconds:
             return None
         return sum(r.emitted for r in later) / seconds
@@ -84,12 +95,35 @@ class GenerationStats:
             "tokens_per_s": round(self.tokens_per_s, 4), "wall_s": round(self.wall_s, 4),
             "draft_s": round(self.draft_s, 4), "verify_s": round(self.verify_s, 4),
             "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 4),
-            "first_round_s": round(self.rounds[0].draft_s + self.rounds[0].verify_s, 4) if self.rounds else 0.0,
+            "first_round_s": round(self.rounds[0].round_s, 4) if self.rounds else 0.0,
             "mean_tree_size": round(sum(r.tree_size for r in self.rounds) / n, 2),
             "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
-            "overlap_hit_rate": round(sum(r.reused > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
+            "overlap_hit_rate": round(sum(r.carried > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
             "verifier_peak_rss_mb": self.verifier_peak_rss_mb,
+            **self.drafting_summary(),
             **self.link,
+        }
+
+    def drafting_summary(self) -> dict:
+        """What drafting cost: totals and per-round means, and the tokens each mode produced."""
+        rounds, n = self.rounds, max(len(self.rounds), 1)
+        sent = sum(r.tree_size for r in rounds)
+        expanded = sum(r.expanded for r in rounds)
+        modes: dict[str, int] = {}
+        for r in rounds:
+            modes[r.mode] = modes.get(r.mode, 0) + r.emitted
+        return {
+            "draft_forwards": sum(r.draft_forwards for r in rounds),
+            "draft_forwards_per_round": round(sum(r.draft_forwards for r in rounds) / n, 2),
+            "nodes_expanded": expanded, "nodes_sent": sent,
+            "expansions_per_node_sent": round(expanded / sent, 3) if sent else 0.0,
+            "carried_nodes_mean": round(sum(r.carried for r in rounds) / n, 2),
+            "draft_s_per_round": round(sum(r.draft_s for r in rounds) / n, 4),
+            "verify_s_per_round": round(sum(r.verify_s for r in rounds) / n, 4),
+            "wait_s_per_round": round(sum(r.wait_s for r in rounds) / n, 4),
+            "overlap_s_per_round": round(sum(r.overlap_s for r in rounds) / n, 4),
+            "wait_s": round(sum(r.wait_s for r in rounds), 4),
+            "tokens_by_mode": modes,
         }
 
     def rounds_table(self) -> list[dict]:
@@ -170,6 +204,8 @@ class DraftSession:
 
     def _round(self, state: _Progress, stats: GenerationStats, on_tokens) -> None:
         t = time.perf_counter()
+        work_before = self._draft_work()
+        carried = self.search.reused if self.search else 0
         sent = None
         if self.search:
             if self._room(state) < self.search.config.budget:
@@ -177,11 +213,11 @@ class DraftSession:
             self.search.grow()
             sent = self.search.tree()
         tree = sent.tree if sent else DraftTree.empty()
-        reused = self.search.reused if self.search else 0
         draft_s = time.perf_counter() - t
         request = VerifyRequest(self.session_id, len(stats.rounds), list(state.pending), tree,
                                 self.max_new_tokens - len(state.new))
-        verdict, verify_s, grow_s = self._verify(request, state.committed)
+        verdict, in_flight_s, overlap_s = self._verify(request, state.committed)
+        verify_s = verdict.verify_s if verdict.verify_s > 0 else in_flight_s - overlap_s
         tokens = verdict.tokens(tree)
         stats.verifier_peak_rss_mb = max(stats.verifier_peak_rss_mb, float(verdict.extra.get("peak_rss_mb", 0.0)))
         state.committed += tokens
@@ -195,14 +231,25 @@ class DraftSession:
             self.search.set_budget(budget)
         if self.search and not state.finished and len(state.new) < self.max_new_tokens:
             self.search.reroot(sent, verdict.accepted, verdict.bonus)
-        draft_s += grow_s + time.perf_counter() - t
+        draft_s += time.perf_counter() - t
+        forwards, expanded = (after - before for after, before in zip(self._draft_work(), work_before))
         depth = int(tree.depths().max()) if len(tree) else 0
-        stats.rounds.append(RoundStats(len(tree), depth, len(tokens), reused, draft_s, verify_s))
+        stats.rounds.append(RoundStats(len(tree), depth, len(tokens), carried, draft_s, verify_s,
+                                       max(in_flight_s - verify_s, 0.0), overlap_s, forwards, expanded))
         stats.draft_s += draft_s
         stats.verify_s += verify_s
 
+    def _draft_work(self) -> tuple[int, int]:
+        """Draft forwards and node expansions so far (cumulative counters)."""
+        if not self.search:
+            return 0, 0
+        return self.search.draft.forwards, self.search.expansions
+
     def _verify(self, request: VerifyRequest, committed: list[int]):
-        """Submit, grow past the budget while waiting (overlap), collect; recover lost sessions."""
+        """Submit, grow past the budget while waiting (overlap), collect; recover lost sessions.
+
+        Returns the verdict, the seconds from submit to verdict, and the seconds of drafting in them.
+        """
         t = time.perf_counter()
         self.link.submit(request)
         grow_s = 0.0
@@ -223,7 +270,7 @@ class DraftSession:
                 request = VerifyRequest(request.session, request.round, list(committed), request.tree,
                                         request.max_emit)
                 self.link.submit(request)
-        return verdict, time.perf_counter() - t - grow_s, grow_s
+        return verdict, time.perf_counter() - t, grow_s
 
     def _link_counters(self) -> dict:
         link_stats = getattr(self.link, "stats", None)

@@ -87,6 +87,7 @@ class TreeSearch:
         self.draft_temperature = params.temperature if params.temperature > 0 else 1.0
         self.rng = torch.Generator().manual_seed(params.seed)
         self.reused = 0  # nodes carried into a round by reroot, for the overlap hit statistic
+        self.expansions = 0  # nodes expanded by the draft so far (cumulative; stats take differences)
         self._clear(0)
 
     # -- state --------------------------------------------------------------------------------
@@ -164,6 +165,7 @@ class TreeSearch:
         logits = self.draft.expand([self.token[n] for n in batch], [self.slot[self.parent[n]] for n in batch])
         for i, nid in enumerate(batch):
             self.slot[nid] = first + i
+        self.expansions += len(batch)
         self._discover(batch, logits)
 
     def _discover(self, nodes: list[int], logits: torch.Tensor) -> None:

@@ -136,3 +136,19 @@ def test_sampling_is_lossless(method, temperature, top_p):
     leaked = exact_first_tokens(draft.model, prompt, SamplingParams(temperature, top_p))
     expected_if_leaked = {cell: round(p * n) for cell, p in leaked.items()}
     assert not matches(expected_if_leaked, exact, n)[0]
+
+
+def test_rounds_report_what_drafting_cost(pair):
+    """Per round: draft forwards, nodes expanded and sent; the summary totals them; round time
+    splits into drafting, verification and waiting."""
+    target, draft, _ = pair
+    before = draft.forwards
+    out = run(target, draft, PROMPTS[0], N_NEW, budget=16)
+    rounds, summary = out.stats.rounds, out.stats.summary()
+    assert summary["draft_forwards"] == sum(r.draft_forwards for r in rounds) == draft.forwards - before - 1
+    assert all(r.draft_forwards >= 1 and r.expanded >= 1 for r in rounds[:-1])
+    assert summary["nodes_sent"] == sum(r.tree_size for r in rounds)
+    assert summary["expansions_per_node_sent"] == round(sum(r.expanded for r in rounds) / summary["nodes_sent"], 3)
+    assert summary["carried_nodes_mean"] == round(sum(r.carried for r in rounds) / len(rounds), 2)
+    assert all(r.verify_s > 0 and r.wait_s >= 0 and r.round_s >= r.verify_s for r in rounds)
+    assert summary["tokens_by_mode"] == {"tree": N_NEW}
