@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,8 @@ def paths(tree):
 
 
 def grown(config, params=SamplingParams(), prompt=PROMPT):
-    search = TreeSearch(KnownDraft(VOCAB), config, params)
+    """A search grown for one round; the oracle knows no n-gram nodes, so they are off."""
+    search = TreeSearch(KnownDraft(VOCAB), replace(config, ngram=False), params)
     search.start(list(prompt))
     search.grow()
     return search, search.tree()
