@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from specexec.drafter.budget_tuner import AutoBudget
-from specexec.drafter.tree_search import TreeConfig, TreeSearch
+from specexec.drafter.tree_search import LAST_ROUND_NODES_PER_TOKEN, TreeConfig, TreeSearch
 from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
 from specexec.protocol.messages import VerifyRequest
 from specexec.protocol.sampling import SamplingParams
@@ -179,8 +179,6 @@ class DraftSession:
         error = None
         try:
             if self.search:
-                if self.auto:
-                    self.search.set_budget(self.auto.budget)
                 self.search.start(state.committed)
                 stats.draft_s += time.perf_counter() - start
             while len(state.new) < self.max_new_tokens and not state.finished and self._room(state) > 0:
@@ -205,11 +203,12 @@ class DraftSession:
     def _round(self, state: _Progress, stats: GenerationStats, on_tokens) -> None:
         t = time.perf_counter()
         work_before = self._draft_work()
-        carried = self.search.reused if self.search else 0
+        budget = self._plan(state)
+        carried = self.search.reused if budget else 0
         sent = None
-        if self.search:
-            if self._room(state) < self.search.config.budget:
-                self.search.set_budget(max(self._room(state), 1))  # the context is nearly full
+        if budget:
+            self.search.set_budget(budget)
+            self.search.limit_depth(self.max_new_tokens - len(state.new) - 1)
             self.search.grow()
             sent = self.search.tree()
         tree = sent.tree if sent else DraftTree.empty()
@@ -227,17 +226,30 @@ class DraftSession:
         if on_tokens:
             on_tokens(tokens)
         t = time.perf_counter()
-        if self.auto and (budget := self.auto.observe(sent, verdict.accepted)):
-            self.search.set_budget(budget)
         if self.search and not state.finished and len(state.new) < self.max_new_tokens:
-            self.search.reroot(sent, verdict.accepted, verdict.bonus)
+            if sent:
+                self.search.reroot(sent, verdict.accepted, verdict.bonus)
+            else:
+                self.search.skip(tokens)  # the target decoded alone: the draft catches up when next needed
         draft_s += time.perf_counter() - t
         forwards, expanded = (after - before for after, before in zip(self._draft_work(), work_before))
         depth = int(tree.depths().max()) if len(tree) else 0
+        mode = "tree" if sent else "autoregressive"
         stats.rounds.append(RoundStats(len(tree), depth, len(tokens), carried, draft_s, verify_s,
-                                       max(in_flight_s - verify_s, 0.0), overlap_s, forwards, expanded))
+                                       max(in_flight_s - verify_s, 0.0), overlap_s, forwards, expanded, mode))
         stats.draft_s += draft_s
         stats.verify_s += verify_s
+        if self.auto:
+            self.auto.observe(sent, verdict.accepted, stats.rounds[-1], timed=len(stats.rounds) > 1)
+
+    def _plan(self, state: _Progress) -> int:
+        """Nodes in this round's tree; 0: the target decodes alone (no draft, `--budget auto`'s
+        guard, or one token left). The last rounds get trees sized to the tokens still wanted."""
+        if not self.search:
+            return 0
+        budget = self.auto.budget if self.auto else self.config.budget
+        left = self.max_new_tokens - len(state.new) - 1  # tree tokens that can precede the bonus
+        return max(min(budget, self._room(state), LAST_ROUND_NODES_PER_TOKEN * left), 0)
 
     def _draft_work(self) -> tuple[int, int]:
         """Draft forwards and node expansions so far (cumulative counters)."""

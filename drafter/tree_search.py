@@ -10,7 +10,8 @@ Best-first (DESIGN.md, "Growing the tree"): the round's tree is the `budget` bes
 nodes. A node is expanded only while its children could still enter that set (its score beats
 the budget-th best discovered score); each draft forward takes the best such nodes, up to
 `max_n_beams` at once (a forward that wide costs about what a 1-node forward costs on a CPU,
-see drafter/draft_profile.py). Growth stops when no unexpanded node can have a child in the
+see drafter/draft_profile.py) and at most an eighth of the budget (wider, the children of the
+batch's best nodes push its worst ones out of the tree: wasted expansions). Growth stops when no unexpanded node can have a child in the
 top `budget`: every undiscovered node scores below an unexpanded ancestor, so the tree is
 exactly the top-`budget` set, closed under ancestors since a child never outscores its parent
 (ties go to the earlier-discovered node). With one node per forward no expanded node ever
@@ -52,7 +53,8 @@ from specexec.protocol.tree import ROOT, DraftTree
 METHODS = ("specexec", "specinfer", "chain", "autoregressive")
 DEFAULT_BUDGET = 16  # nodes per tree: the one default the CLI, bench and API read
 DEFAULT_BEAMS = 16  # draft forward width: near a 1-node forward's cost on a 2-core CPU (draft_profile)
-LAST_ROUND_NODES_PER_TOKEN = 8  # budget cap per token still wanted, for the last rounds
+WASTE_DIVISOR = 8  # a forward expands at most budget / this many nodes (expansions per node sent <= ~1.05)
+LAST_ROUND_NODES_PER_TOKEN = 8  # the last rounds' budget cap, per token still wanted before the bonus
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class TreeSearch:
         self.expansions = 0  # nodes expanded by the draft so far (cumulative; stats take differences)
         self.depth_cap = config.max_depth  # deepest node this round's tree may hold
         self._overlap_done = 0
+        self.behind: list[int] = []  # committed tokens the draft has not seen (the target ran alone)
         self._clear(0)
 
     # -- state --------------------------------------------------------------------------------
@@ -181,13 +184,35 @@ class TreeSearch:
         """This round's tree holds no node deeper than `cap` (the tokens still wanted, less the bonus)."""
         self.depth_cap = max(min(cap, self.config.max_depth), 1)
 
+    def skip(self, tokens: list[int]) -> None:
+        """The target decoded `tokens` without a tree: drop the tree, catch up at the next grow."""
+        if not self.behind:
+            self.draft.keep([], [])
+        self.behind += tokens
+        self.lookup.extend(tokens)
+        self.reused = 0
+
+    def _catch_up(self) -> None:
+        root_logits = self.draft.extend(self.behind)
+        self._clear(self.behind[-1])
+        self.behind = []
+        self._discover([0], root_logits[None])
+
     def grow(self) -> None:
         """Add the n-gram nodes, then expand until the top-`budget` tree is certain."""
+        if self.behind:
+            self._catch_up()
         if self.config.uses_ngram:
             self._hang_ngram()
         self._rebuild()
-        while batch := self._pop(self.config.max_n_beams, certify=True):
+        while batch := self._pop(self.batch_width, certify=True):
             self._expand(batch)
+
+    @property
+    def batch_width(self) -> int:
+        """Nodes per draft forward: an eighth of the budget, at most `max_n_beams`. Wider batches
+        expand nodes that the children of the batch's better nodes then push out of the tree."""
+        return max(1, min(self.config.max_n_beams, self.config.budget // WASTE_DIVISOR))
 
     def grow_beyond(self) -> bool:
         """One more draft forward past the budget, in the same best-first order (the overlap).
