@@ -1,7 +1,9 @@
 """The generation loop on the drafter side: it owns the committed sequence and the output.
 
 Each round grows a tree, submits it, (with overlap) keeps growing while the target verifies,
-commits the verdict's tokens and reroots the search on the bonus token. The loop only talks to
+commits the verdict's tokens and reroots the search on the bonus token, keeping the subtree
+under it. A round may send an empty tree instead (the target decodes alone): `--budget auto`'s
+speed guard, or the last token; the draft then catches up when the next tree is grown. The loop only talks to
 a `VerifierLink`, so the same code drives an in-process verifier or a remote one.
 """
 

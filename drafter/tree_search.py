@@ -10,7 +10,7 @@ Best-first (DESIGN.md, "Growing the tree"): the round's tree is the `budget` bes
 nodes. A node is expanded only while its children could still enter that set (its score beats
 the budget-th best discovered score); each draft forward takes the best such nodes, up to
 `max_n_beams` at once (a forward that wide costs about what a 1-node forward costs on a CPU,
-see drafter/draft_profile.py) and at most an eighth of the budget (wider, the children of the
+see drafter/draft_profile.py) and at most a quarter of the budget (wider, the children of the
 batch's best nodes push its worst ones out of the tree: wasted expansions). Growth stops when no unexpanded node can have a child in the
 top `budget`: every undiscovered node scores below an unexpanded ancestor, so the tree is
 exactly the top-`budget` set, closed under ancestors since a child never outscores its parent
@@ -53,7 +53,7 @@ from specexec.protocol.tree import ROOT, DraftTree
 METHODS = ("specexec", "specinfer", "chain", "autoregressive")
 DEFAULT_BUDGET = 16  # nodes per tree: the one default the CLI, bench and API read
 DEFAULT_BEAMS = 16  # draft forward width: near a 1-node forward's cost on a 2-core CPU (draft_profile)
-WASTE_DIVISOR = 8  # a forward expands at most budget / this many nodes (expansions per node sent <= ~1.05)
+WASTE_DIVISOR = 4  # a forward expands at most budget / this many nodes (forwards cost ~flat in width: fewer forwards win)
 LAST_ROUND_NODES_PER_TOKEN = 8  # the last rounds' budget cap, per token still wanted before the bonus
 
 
@@ -210,7 +210,7 @@ class TreeSearch:
 
     @property
     def batch_width(self) -> int:
-        """Nodes per draft forward: an eighth of the budget, at most `max_n_beams`. Wider batches
+        """Nodes per draft forward: a quarter of the budget, at most `max_n_beams`. Wider batches
         expand nodes that the children of the batch's better nodes then push out of the tree."""
         return max(1, min(self.config.max_n_beams, self.config.budget // WASTE_DIVISOR))
 
@@ -262,6 +262,9 @@ class TreeSearch:
         if nid is None:
             self._add(parent, token, score)
         elif score > self.score[nid]:
+            if self.score[nid] in self.top:  # counted once, at its new score (rare: n-gram nodes only)
+                self.top.remove(self.score[nid])
+                heapq.heapify(self.top)
             self.score[nid] = score
             self._offer(nid)
 

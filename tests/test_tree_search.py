@@ -143,7 +143,7 @@ def test_few_expansions_per_node_sent(budget):
     """Leaves are sent unexpanded, and a forward is never wider than the budget can use."""
     search, sent = grown(TreeConfig("specexec", budget))
     assert len(sent.nodes) == budget
-    assert search.expansions <= 1.25 * budget
+    assert search.expansions <= 1.45 * budget  # this draft is near uniform: a worst case
     one_by_one, _ = grown(TreeConfig("specexec", budget, max_n_beams=1))
     assert one_by_one.expansions < budget  # best-first one node at a time wastes nothing
     assert search.draft.forwards < one_by_one.draft.forwards or budget < 16
