@@ -196,7 +196,7 @@ class AutoBudget:
             self._hold_plain = max(self._hold_plain - 1, 0)
         else:
             self.rounds.append(SeenRound(tuple(sent.ranks[i] for i in accepted), tuple(sent.ranks),
-                                         tuple(int(d) for d in sent.tree.depths()), stats.emitted,
+                                         tuple(int(d) for d in sent.tree.depths()), stats.accepted,
                                          stats.draft_s, stats.verify_s, stats.round_s, timed))
             self._since += 1
             self._streak += 1

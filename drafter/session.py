@@ -42,7 +42,7 @@ class RoundStats:
 
     tree_size: int  # nodes sent
     tree_depth: int
-    emitted: int
+    accepted: int  # tokens emitted this round, the bonus included
     carried: int  # search nodes carried over from the previous round (its tree kept under the new root)
     draft_s: float  # drafting the verifier waited for: growing before the submit, rerooting after
     verify_s: float  # the verifier's own time for the pass (as it reports it)
@@ -86,7 +86,7 @@ class GenerationStats:
         seconds = sum(r.round_s for r in later)
         if not seconds:
             return None
-        return sum(r.emitted for r in later) / seconds
+        return sum(r.accepted for r in later) / seconds
 
     def summary(self) -> dict:
         """The `stats` object of `generate --json` (the first nine keys are the documented ones)."""
@@ -113,7 +113,7 @@ class GenerationStats:
         expanded = sum(r.expanded for r in rounds)
         modes: dict[str, int] = {}
         for r in rounds:
-            modes[r.mode] = modes.get(r.mode, 0) + r.emitted
+            modes[r.mode] = modes.get(r.mode, 0) + r.accepted
         return {
             "draft_forwards": sum(r.draft_forwards for r in rounds),
             "draft_forwards_per_round": round(sum(r.draft_forwards for r in rounds) / n, 2),

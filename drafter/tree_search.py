@@ -54,6 +54,7 @@ METHODS = ("specexec", "specinfer", "chain", "autoregressive")
 DEFAULT_BUDGET = 16  # nodes per tree: the one default the CLI, bench and API read
 DEFAULT_BEAMS = 16  # draft forward width: near a 1-node forward's cost on a 2-core CPU (draft_profile)
 WASTE_DIVISOR = 4  # a forward expands at most budget / this many nodes (forwards cost ~flat in width: fewer forwards win)
+BATCH_MARGIN = 2.0  # nats: a forward's nodes score within this of its best one (a confident chain goes alone)
 LAST_ROUND_NODES_PER_TOKEN = 8  # the last rounds' budget cap, per token still wanted before the bonus
 
 
@@ -240,6 +241,8 @@ class TreeSearch:
                 continue
             if certify and len(self.top) >= budget and -neg <= self.top[0]:
                 break
+            if certify and batch and -neg < self.score[batch[0]] - BATCH_MARGIN:
+                break  # far below the batch's best: its children would likely push it out of the tree
             heapq.heappop(self.frontier)
             if self.depth[nid] < self.depth_cap:
                 batch.append(nid)

@@ -39,7 +39,7 @@ def test_trees_are_accepted_deeply(pair):
     target, draft, _ = pair
     out = run(target, draft, PROMPTS[0], N_NEW, budget=64)
     assert out.stats.gen_rate > 2
-    assert max(r.emitted for r in out.stats.rounds) >= 4
+    assert max(r.accepted for r in out.stats.rounds) >= 4
 
 
 def test_auto_budget_learns_from_every_round_of_every_generation(pair):
@@ -97,7 +97,7 @@ def test_full_context_ends_generation_cleanly(pair, budget):
     out = run(target, draft, prompt, N_NEW, budget=budget, max_context=limit)
     assert out.error is None and out.context_full and not out.finished
     assert len(prompt) + len(out.token_ids) >= limit
-    assert all(len(prompt) + sum(r.emitted for r in out.stats.rounds[:i]) + r.tree_size <= limit
+    assert all(len(prompt) + sum(r.accepted for r in out.stats.rounds[:i]) + r.tree_size <= limit
                for i, r in enumerate(out.stats.rounds))
     assert out.token_ids == greedy_reference(model, prompt, N_NEW)[: len(out.token_ids)]
 
