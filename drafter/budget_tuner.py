@@ -250,10 +250,11 @@ class AutoBudget:
         target = self.corrected_target_curve()
         d_scale = median([r.draft_s / self._draft_model_s(recent, r.size) for r in recent if r.timed], 1.0)
         out = [BudgetEstimate(0, 1.0, 0.0, self.plain_round_s())]
+        g = 1.0
         for b in AUTO_CANDIDATES[1:]:
             if b > EXPLORE * largest:
                 break
-            g = self._tokens_per_round(recent, b, largest)
+            g = max(g, self._tokens_per_round(recent, b, largest))  # a bigger tree accepts no less
             out.append(BudgetEstimate(b, g, d_scale * self._draft_model_s(recent, b),
                                       interpolate(target, b + 1)))
         return out
