@@ -68,7 +68,7 @@ class TreeConfig:
     q_support: int = 64  # size of the truncated draft distribution for sampled children
     overlap_beams: int = 4  # nodes per draft forward while growing past the budget (small: stop soon)
     overlap_extra: int = 128  # nodes expanded past the budget per round, at most
-    ngram: bool = True  # prompt-lookup nodes (free: no draft forward until expanded)
+    ngram: bool = False  # prompt-lookup nodes (free: no draft forward until expanded); off: see report
     ngram_len: int = 3  # longest suffix of the committed text looked up earlier in it
     ngram_tokens: int = 8  # tokens of the found continuation hung under the root
     ngram_logp: float = -0.7  # score of each n-gram step below its parent (as a child of p ~ 0.5)

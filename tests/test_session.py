@@ -34,6 +34,15 @@ def test_greedy_output_equals_target_greedy(pair, method, budget):
         assert out.stats.target_forwards == len(out.stats.rounds)
 
 
+@pytest.mark.parametrize("budget", [1, 3, 16, 64, 256])
+def test_greedy_output_is_exact_with_ngram_nodes(pair, budget):
+    """Prompt-lookup nodes on (PROMPTS[3] repeats itself, so they are proposed and accepted)."""
+    target, draft, model = pair
+    for prompt in PROMPTS:
+        out = run(target, draft, prompt, N_NEW, budget=budget, ngram=True)
+        assert out.token_ids == greedy_reference(model, prompt, N_NEW), (budget, prompt)
+
+
 def test_trees_are_accepted_deeply(pair):
     """The fixture's draft is good enough that the test above exercises multi-token rounds."""
     target, draft, _ = pair

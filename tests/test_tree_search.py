@@ -208,7 +208,7 @@ def test_ngram_nodes_are_free_distinct_and_merged():
     """The continuation of the text's suffix found earlier hangs under the root as a chain with
     no draft forward; where the draft proposed the same token it is the same node."""
     prompt = [2, 9, 11, 13, 17, 19, 5, 2, 9, 11]  # "2 9 11" occurred before, followed by 13 17 19 5
-    search = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 4, branch_width=4, ngram_tokens=4), SamplingParams())
+    search = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 4, branch_width=4, ngram=True, ngram_tokens=4), SamplingParams())
     search.start(prompt)
     search.grow()
     sent = search.tree()
@@ -223,7 +223,7 @@ def test_ngram_nodes_are_free_distinct_and_merged():
     plain.grow()
     draft_kids = {plain.token[c] for c in plain.kids[0]}
     assert {search.token[c] for c in search.kids[0]} == draft_kids | {13}
-    wide = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 40, branch_width=4, ngram_tokens=4), SamplingParams())
+    wide = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 40, branch_width=4, ngram=True, ngram_tokens=4), SamplingParams())
     wide.start(prompt)
     wide.grow()
     assert (13, 17, 19, 5) in paths(wide.tree().tree)
