@@ -1,24 +1,37 @@
-"""`--budget auto`: pick the tree budget that maximises expected tokens per second here.
+"""`--budget auto`: pick the tree budget that maximises tokens per second, and never lose to
+the target decoding alone.
 
-Inputs, all measured: the target's forward time against the number of tokens (from the
-verifier's profile), the draft's forward time against batch size, and a few warm-up rounds
-grown with a large budget. Best-first trees are nested -- the budget-B tree is the B
-best-scoring nodes of any larger tree from the same root -- so one warm-up round tells what
-every smaller budget would have accepted: the accepted path cut at the first node ranked B
-or worse. Per budget B the model is
+Inputs, all measured: the target's forward time against the number of tokens (the verifier's
+profile), corrected online by the verify seconds each round actually took; the draft's
+forward time against batch width (drafter/draft_profile.py), corrected online by the drafting
+seconds each round actually waited for (overlap-hidden drafting is not counted); and the
+acceptance seen in every round of the generation itself. Best-first trees are nested -- the
+budget-B tree is the B best-scoring nodes of any larger tree from the same root -- so one
+round tells what every smaller budget would have accepted: the accepted path cut at the first
+node ranked B or worse. Per budget B the model is
 
-    tokens per round  g(B) = 1 + mean accepted nodes of rank < B
-    draft seconds     D(B) = (mean depth of the top-B tree + 1) * draft_time(B / depth)
-    target seconds    T(B) = target_time(B + 1)
+    tokens per round  g(B) = 1 + mean accepted nodes of rank < B     (rounds whose tree had >= B nodes)
+    draft seconds     D(B) = draft_scale * (depth(B) + 1) * draft_time(B / depth(B))
+    target seconds    T(B) = target_time(B + 1), the profile scaled to the passes seen and
+                             replaced by their measured times at the sizes seen
     tokens/s          g(B) / (D(B) + T(B))
 
-(rounds run draft then target; with overlap the drafter's head start only helps).
+Budgets larger than any tree seen (up to `EXPLORE` times the largest) get g extrapolated
+log-linearly from the last doubling seen, so a flat target curve climbs to large trees in a
+few decisions. Budget 0 is the target alone: g = 1, D = 0, T = the measured 1-token pass.
+The choice is re-made every `every` rounds from the last `window` rounds.
+
+The speed guard: whatever the model says, when the measured speculative rate of the last
+rounds (tokens / round seconds) falls below the target alone's measured rate, decode
+autoregressively (empty trees, no drafting) for `backoff` rounds, doubling the backoff each
+time speculation loses again, then try the model's choice again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+import math
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -98,37 +111,174 @@ def explain(estimates: list[BudgetEstimate], chosen: BudgetEstimate) -> str:
     return "\n".join(lines)
 
 
+EXPLORE = 4  # budgets up to this many times the largest tree seen are candidates
+AUTO_CANDIDATES = (0,) + CANDIDATES + (1024, 2048)
+
+
+@dataclass(frozen=True)
+class SeenRound:
+    """One round as the tuner keeps it."""
+
+    path_ranks: tuple[int, ...]
+    node_ranks: tuple[int, ...]
+    node_depths: tuple[int, ...]
+    emitted: int
+    draft_s: float  # drafting the round waited for
+    verify_s: float
+    round_s: float
+    timed: bool = True  # False for a generation's first round (its prefills are no round's cost)
+
+    @property
+    def size(self) -> int:
+        return len(self.node_ranks)
+
+
+def acceptance(rounds: list[SeenRound], budget: int) -> float | None:
+    """Mean accepted nodes at `budget` over the rounds whose tree was at least that big."""
+    seen = [accepted_within(r.path_ranks, budget) for r in rounds if r.size >= budget]
+    return sum(seen) / len(seen) if seen else None
+
+
+def mean_depth(rounds: list[SeenRound], budget: int) -> float:
+    rows = [r for r in rounds if r.size >= budget] or [max(rounds, key=lambda r: r.size)]
+    return sum(depth_within(r.node_ranks, r.node_depths, budget) for r in rows) / len(rows)
+
+
+def median(values: list[float], default: float) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else default
+
+
 @dataclass
 class AutoBudget:
-    """`--budget auto`: warm up with a large budget, then keep the budget the tuner picks."""
+    """`--budget auto`: the budget for the next round, re-decided from every round seen."""
 
     target_curve: dict[int, float]
     draft_curve: dict[int, float]
-    warmup_budget: int = 64
-    warmup_rounds: int = 3
+    warmup_budget: int | None = None  # None: the largest budget a pass costs about 1-token for
+    warmup_rounds: int = 2
+    every: int = 4  # rounds between decisions
+    window: int = 48  # rounds the estimates look back on
+    backoff: int = 8  # autoregressive rounds after speculation lost (doubles on each loss)
     report: Callable[[str], None] | None = None
-    rounds: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)  # SeenRound for tree rounds
+    plain_s: list = field(default_factory=list)  # round seconds of autoregressive rounds
     chosen: BudgetEstimate | None = None
+    retry: int | None = None  # the best tree budget, tried again after the target ran alone
+    _since: int = 0  # tree rounds since the last decision
+    _streak: int = 0  # tree rounds since the target last ran alone
+    _hold_plain: int = 0  # autoregressive rounds still to run
+    _losses: int = 0
+
+    def __post_init__(self):
+        if self.warmup_budget is None:
+            one = interpolate(self.target_curve, 1)
+            flat = [b for b in CANDIDATES if interpolate(self.target_curve, b + 1) <= 1.3 * one]
+            self.warmup_budget = min(max(flat, default=8), 256) if flat else 8
+            self.warmup_budget = max(self.warmup_budget, 8)
 
     @property
     def budget(self) -> int:
-        """The budget to draft with now: the chosen one, or the warm-up's until the choice."""
-        return self.chosen.budget if self.chosen else self.warmup_budget
+        """The budget to draft with now (0: the target decodes alone this round)."""
+        if self._hold_plain > 0:
+            return 0
+        if self.chosen is None:
+            return self.warmup_budget
+        return self.chosen.budget or self.retry or self.warmup_budget
 
-    def observe(self, sent, accepted: list[int]) -> int | None:
-        """Record a warm-up round; returns the chosen budget once the warm-up is over."""
-        if self.chosen is not None or sent is None:
-            return None
-        self.rounds.append(WarmupRound(tuple(sent.ranks[i] for i in accepted), tuple(sent.ranks),
-                                                    tuple(int(d) for d in sent.tree.depths())))
-        if len(self.rounds) < self.warmup_rounds:
-            return None
-        candidates = [b for b in CANDIDATES if b <= self.warmup_budget]
-        estimates = estimate(self.rounds, self.target_curve, self.draft_curve, candidates)
+    def observe(self, sent, accepted: list[int], stats, timed: bool = True) -> int | None:
+        """Record a finished round (`stats`: its RoundStats; `timed` False when its time is not
+        a round's, e.g. it carried the prompt's prefill); returns the budget when it changes."""
+        before = self.budget
+        if sent is None or not len(sent.nodes):
+            if timed:
+                self.plain_s.append(stats.round_s)
+            self._hold_plain = max(self._hold_plain - 1, 0)
+        else:
+            self.rounds.append(SeenRound(tuple(sent.ranks[i] for i in accepted), tuple(sent.ranks),
+                                         tuple(int(d) for d in sent.tree.depths()), stats.accepted,
+                                         stats.draft_s, stats.verify_s, stats.round_s, timed))
+            self._since += 1
+            self._streak += 1
+            if self._losing():
+                self._hold_plain, self._losses = self.backoff * 2 ** self._losses, self._losses + 1
+                self._streak = 0
+        due = self.chosen is None and len(self.rounds) >= self.warmup_rounds or self._since >= self.every
+        if due and self._hold_plain == 0 and self.rounds:
+            self._decide()
+        return self.budget if self.budget != before else None
+
+    def _losing(self) -> bool:
+        """The guard: the last `every` tree rounds ran slower than the target alone runs."""
+        if self._streak < self.every:
+            return False
+        recent = [r for r in self.rounds[-self.every:] if r.timed]
+        if not recent:
+            return False
+        spec_rate = sum(r.emitted for r in recent) / max(sum(r.round_s for r in recent), 1e-9)
+        return spec_rate < 1.0 / self.plain_round_s()
+
+    def plain_round_s(self) -> float:
+        """A round of the target alone: measured when there were some, else the curve's 1-token pass."""
+        if self.plain_s:
+            return median(self.plain_s[-self.window:], 0.0)
+        return self._target_scale() * interpolate(self.target_curve, 1)
+
+    def _target_scale(self) -> float:
+        recent = self.rounds[-self.window:]
+        return median([r.verify_s / interpolate(self.target_curve, r.size + 1)
+                       for r in recent if r.verify_s > 0 and r.timed], 1.0)
+
+    def corrected_target_curve(self) -> dict[int, float]:
+        """The profile scaled to the passes seen, and the passes seen themselves at their sizes."""
+        scale = self._target_scale()
+        curve = {n: t * scale for n, t in self.target_curve.items()}
+        by_size: dict[int, list[float]] = {}
+        for r in self.rounds[-self.window:]:
+            if r.timed and r.verify_s > 0:
+                by_size.setdefault(r.size + 1, []).append(r.verify_s)
+        curve.update({n: median(ts, 0.0) for n, ts in by_size.items()})
+        return curve
+
+    def _draft_model_s(self, rounds: list[SeenRound], budget: int) -> float:
+        depth = mean_depth(rounds, budget)
+        return (depth + 1) * interpolate(self.draft_curve, budget / max(depth, 1))
+
+    def estimates(self) -> list[BudgetEstimate]:
+        recent = self.rounds[-self.window:]
+        largest = max(r.size for r in recent)
+        target = self.corrected_target_curve()
+        d_scale = median([r.draft_s / self._draft_model_s(recent, r.size) for r in recent if r.timed], 1.0)
+        out = [BudgetEstimate(0, 1.0, 0.0, self.plain_round_s())]
+        g = 1.0
+        for b in AUTO_CANDIDATES[1:]:
+            if b > EXPLORE * largest:
+                break
+            g = max(g, self._tokens_per_round(recent, b, largest))  # a bigger tree accepts no less
+            out.append(BudgetEstimate(b, g, d_scale * self._draft_model_s(recent, b),
+                                      interpolate(target, b + 1)))
+        return out
+
+    @staticmethod
+    def _tokens_per_round(rounds: list[SeenRound], budget: int, largest: int) -> float:
+        seen = acceptance(rounds, budget)
+        if seen is not None:
+            return 1 + seen
+        top, half = acceptance(rounds, largest), acceptance(rounds, max(largest // 2, 1))
+        per_doubling = max(top - half, 0.0)
+        return 1 + top + per_doubling * math.log2(budget / largest)
+
+    def _decide(self) -> None:
+        self._since = 0
+        estimates = self.estimates()
         self.chosen = choose(estimates)
+        trees = [e for e in estimates if e.budget > 0]
+        self.retry = choose(trees).budget if trees else None
+        if self.chosen.budget == 0:
+            self._hold_plain, self._streak = self.backoff * 2 ** self._losses, 0
+            self._losses += 1
         if self.report:
             self.report(explain(estimates, self.chosen))
-        return self.chosen.budget
 
 
 @dataclass

@@ -3,16 +3,14 @@
 The cache holds the committed prefix (the last committed token is the tree's root) followed by
 one slot per tree node expanded so far, in expansion order. A batch of new nodes attends to the
 prefix, to its ancestors' slots and to itself; its position is the root's plus its depth. At the
-end of a round `keep` gathers the prefix, the accepted path (which becomes committed) and any
-subtree worth reusing, along the sequence axis.
+end of a round `keep` commits the accepted path and keeps the subtree worth reusing: only the
+tree part of the cache moves (drafter.kv_buffer), the committed prefix stays in place.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-
-from specexec.protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
+from specexec.drafter.kv_buffer import BufferCache
 from specexec.protocol.tree import ROOT, additive_mask
 
 
@@ -28,7 +26,7 @@ class DraftModel:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = BufferCache()
         self.committed = 0
         self.slot_depth: list[int] = []
         self.slot_anc = torch.zeros(0, 0, dtype=torch.bool)  # [S, S] ancestor-or-self among slots
@@ -94,10 +92,9 @@ class DraftModel:
 
     def keep(self, path_slots: list[int], tree_slots: list[int]) -> None:
         """Commit `path_slots` (a root-to-node chain) and keep `tree_slots` (their subtree)."""
-        if cache_length(self.cache) != self.committed + self.n_slots:
+        if self.cache.get_seq_length() != self.committed + self.n_slots:
             raise RuntimeError("draft cache out of step with its slot table")
-        keep = path_slots + sorted(tree_slots)
-        gather_cache(self.cache, keep_prefix_and(self.committed, [self.committed + i for i in keep]))
+        self.cache.compact(self.committed, path_slots + sorted(tree_slots))
         idx = torch.as_tensor(sorted(tree_slots), dtype=torch.long)
         self.slot_anc = self.slot_anc[idx][:, idx]
         self.slot_depth = [self.slot_depth[i] - len(path_slots) for i in sorted(tree_slots)]

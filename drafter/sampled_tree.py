@@ -60,6 +60,8 @@ class SampledTree:
         self.temperature = params.temperature if params.temperature > 0 else 1.0
         self.rng = torch.Generator().manual_seed(params.seed)
         self.reused = 0  # always 0: a sampled tree is never carried into the next round
+        self.expansions = 0  # nodes run through the draft so far (cumulative; stats take differences)
+        self.depth_cap = config.max_depth  # this round's deepest chain (the tokens still wanted)
         self._root_logits: torch.Tensor | None = None
         self._clear()
 
@@ -82,11 +84,21 @@ class SampledTree:
         """Change the budget for the next trees (it chooses their shape)."""
         self.config = replace(self.config, budget=budget)
 
+    def limit_depth(self, cap: int) -> None:
+        """This round's chains are at most `cap` long (the tokens still wanted, less the bonus)."""
+        self.depth_cap = max(min(cap, self.config.max_depth), 1)
+
+    def skip(self, tokens: list[int]) -> None:
+        """The target decoded `tokens` without a tree: the next tree grows after them."""
+        self._root_logits = self.draft.extend(tokens)
+        self._clear()
+
     def grow(self) -> None:
         """Sample this round's chains, one draft forward per level below the root's children."""
         if self.grown:
             return
         chains, depth = shape(self.config)
+        depth = min(depth, self.depth_cap)
         level = self._sample_roots(chains)
         for _ in range(depth - 1):
             logits = self._expand(level)
@@ -152,6 +164,7 @@ class SampledTree:
         first = self.draft.n_slots
         parent_slots = [ROOT if self.parents[n] == ROOT else self.slots[self.parents[n]] for n in nodes]
         logits = self.draft.expand([self.tokens[n] for n in nodes], parent_slots)
+        self.expansions += len(nodes)
         for i, n in enumerate(nodes):
             self.slots[n] = first + i
         return logits

@@ -12,7 +12,8 @@ from typing import Protocol
 
 from specexec.drafter.draft_model import DraftModel
 from specexec.drafter.sampled_tree import SampledTree
-from specexec.drafter.tree_search import RoundTree, TreeConfig, TreeSearch
+from specexec.drafter.tree_config import TreeConfig
+from specexec.drafter.tree_search import RoundTree, TreeSearch
 from specexec.protocol.sampling import SamplingParams
 
 
@@ -20,10 +21,15 @@ class DraftSearch(Protocol):
     draft: DraftModel  # its `forwards` counter gives the round's draft forwards
     config: TreeConfig  # `budget` is the size the next tree is grown to
     reused: int  # nodes carried into this round by the last reroot
+    expansions: int  # nodes run through the draft so far (cumulative)
 
     def start(self, prompt: list[int]) -> None: ...
 
     def set_budget(self, budget: int) -> None: ...
+
+    def limit_depth(self, cap: int) -> None: ...
+
+    def skip(self, tokens: list[int]) -> None: ...
 
     def grow(self) -> None: ...
 

@@ -1,7 +1,9 @@
 """The generation loop on the drafter side: it owns the committed sequence and the output.
 
 Each round grows a tree, submits it, (with overlap) keeps growing while the target verifies,
-commits the verdict's tokens and reroots the search on the bonus token. The loop only talks to
+commits the verdict's tokens and reroots the search on the bonus token, keeping the subtree
+under it. A round may send an empty tree instead (the target decodes alone): `--budget auto`'s
+speed guard, or the last token; the draft then catches up when the next tree is grown. The loop only talks to
 a `VerifierLink`, so the same code drives an in-process verifier or a remote one.
 """
 
@@ -14,7 +16,7 @@ from typing import Callable
 
 from specexec.drafter.budget_tuner import AutoBudget
 from specexec.drafter.search_api import DraftSearch
-from specexec.drafter.tree_search import TreeConfig
+from specexec.drafter.tree_config import LAST_ROUND_NODES_PER_TOKEN, TreeConfig
 from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
 from specexec.protocol.messages import VerifyRequest
 from specexec.protocol.sampling import SamplingParams
@@ -41,13 +43,23 @@ class RunOptions:
 
 @dataclass
 class RoundStats:
-    tree_size: int
+    """One round. Its wall time is draft_s + verify_s + wait_s; overlap_s ran under verify_s."""
+
+    tree_size: int  # nodes sent
     tree_depth: int
-    accepted: int  # tokens emitted this round: the accepted path and the bonus
-    reused: int  # nodes carried over from the previous round's search (overlap hits)
-    draft_forwards: int  # draft model forwards this round (growth, overlap growth, reroot)
-    draft_s: float
-    verify_s: float
+    accepted: int  # tokens emitted this round, the bonus included
+    carried: int  # search nodes carried over from the previous round (its tree kept under the new root)
+    draft_s: float  # drafting the verifier waited for: growing before the submit, rerooting after
+    verify_s: float  # the verifier's own time for the pass (as it reports it)
+    wait_s: float = 0.0  # the rest of submit-to-verdict: transport, a verdict waiting on a draft forward
+    overlap_s: float = 0.0  # drafting while the verifier worked (hidden unless it made the verdict wait)
+    draft_forwards: int = 0
+    expanded: int = 0  # nodes the draft expanded this round (overlap included)
+    mode: str = "tree"  # "tree", "chain" or "autoregressive" (the guard's choice; drafter.speed_guard)
+
+    @property
+    def round_s(self) -> float:
+        return self.draft_s + self.verify_s + self.wait_s
 
 
 @dataclass
@@ -81,7 +93,7 @@ class GenerationStats:
         reference code's convention, which times and counts only the rounds after it.
         None when rounds were not recorded (a peer method timed from outside)."""
         later = self.rounds[1:]
-        seconds = sum(r.draft_s + r.verify_s for r in later)
+        seconds = sum(r.round_s for r in later)
         if not seconds:
             return None
         return sum(r.accepted for r in later) / seconds
@@ -95,15 +107,38 @@ class GenerationStats:
             "tokens_per_s": round(self.tokens_per_s, 4), "wall_s": round(self.wall_s, 4),
             "draft_s": round(self.draft_s, 4), "verify_s": round(self.verify_s, 4),
             "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 4),
-            "first_round_s": round(self.rounds[0].draft_s + self.rounds[0].verify_s, 4) if self.rounds else 0.0,
+            "first_round_s": round(self.rounds[0].round_s, 4) if self.rounds else 0.0,
             "mean_tree_size": round(sum(r.tree_size for r in self.rounds) / n, 2),
             "mean_tree_depth": round(sum(r.tree_depth for r in self.rounds) / n, 2),
-            "overlap_hit_rate": round(sum(r.reused > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
+            "overlap_hit_rate": round(sum(r.carried > 0 for r in self.rounds[1:]) / max(n - 1, 1), 4),
             "verifier_peak_rss_mb": self.verifier_peak_rss_mb, "verifier_memory": self.verifier_memory,
             "read_gb_per_pass": round(self.read_bytes / 1e9 / max(self.target_forwards, 1), 4),
             "read_gbps": round(self.read_bytes / 1e9 / self.read_s, 4) if self.read_s else 0.0,
             "finish_reason": self.finish_reason,
+            **self.drafting_summary(),
             **self.link,
+        }
+
+    def drafting_summary(self) -> dict:
+        """What drafting cost: totals and per-round means, and the tokens each mode produced."""
+        rounds, n = self.rounds, max(len(self.rounds), 1)
+        sent = sum(r.tree_size for r in rounds)
+        expanded = sum(r.expanded for r in rounds)
+        modes: dict[str, int] = {}
+        for r in rounds:
+            modes[r.mode] = modes.get(r.mode, 0) + r.accepted
+        return {
+            "draft_forwards": sum(r.draft_forwards for r in rounds),
+            "draft_forwards_per_round": round(sum(r.draft_forwards for r in rounds) / n, 2),
+            "nodes_expanded": expanded, "nodes_sent": sent,
+            "expansions_per_node_sent": round(expanded / sent, 3) if sent else 0.0,
+            "carried_nodes_mean": round(sum(r.carried for r in rounds) / n, 2),
+            "draft_s_per_round": round(sum(r.draft_s for r in rounds) / n, 4),
+            "verify_s_per_round": round(sum(r.verify_s for r in rounds) / n, 4),
+            "wait_s_per_round": round(sum(r.wait_s for r in rounds) / n, 4),
+            "overlap_s_per_round": round(sum(r.overlap_s for r in rounds) / n, 4),
+            "wait_s": round(sum(r.wait_s for r in rounds), 4),
+            "tokens_by_mode": modes,
         }
 
     def rounds_table(self) -> list[dict]:
@@ -164,8 +199,6 @@ class DraftSession:
         error = None
         try:
             if self.search:
-                if self.auto:
-                    self.search.set_budget(self.auto.budget)
                 self.search.start(state.committed)
                 stats.draft_s += time.perf_counter() - start
             while len(state.new) < self.max_new_tokens and not state.finished and self._room(state) > 0:
@@ -195,19 +228,21 @@ class DraftSession:
 
     def _round(self, state: _Progress, stats: GenerationStats, on_tokens) -> None:
         t = time.perf_counter()
-        forwards = self.search.draft.forwards if self.search else 0
+        work_before = self._draft_work()
+        budget = self._plan(state)
+        carried = self.search.reused if budget else 0
         sent = None
-        if self.search:
-            if self._room(state) < self.search.config.budget:
-                self.search.set_budget(max(self._room(state), 1))  # the context is nearly full
+        if budget:
+            self.search.set_budget(budget)
+            self.search.limit_depth(self.max_new_tokens - len(state.new) - 1)
             self.search.grow()
             sent = self.search.tree()
         tree = sent.tree if sent else DraftTree.empty()
-        reused = self.search.reused if self.search else 0
         draft_s = time.perf_counter() - t
         request = VerifyRequest(self.session_id, len(stats.rounds), list(state.pending), tree,
                                 self.max_new_tokens - len(state.new))
-        verdict, verify_s, grow_s = self._verify(request, state.committed)
+        verdict, in_flight_s, overlap_s = self._verify(request, state.committed)
+        verify_s = verdict.verify_s if verdict.verify_s > 0 else in_flight_s - overlap_s
         tokens = verdict.tokens(tree)
         stats.verifier_peak_rss_mb = max(stats.verifier_peak_rss_mb, float(verdict.extra.get("peak_rss_mb", 0.0)))
         stats.read_bytes += int(verdict.extra.get("read_bytes", 0))
@@ -219,19 +254,42 @@ class DraftSession:
         if on_tokens:
             on_tokens(tokens)
         t = time.perf_counter()
-        if self.auto and (budget := self.auto.observe(sent, verdict.accepted)):
-            self.search.set_budget(budget)
         if self.search and not state.finished and len(state.new) < self.max_new_tokens:
-            self.search.reroot(sent, verdict.accepted, verdict.bonus)
-        draft_s += grow_s + time.perf_counter() - t
+            if sent:
+                self.search.reroot(sent, verdict.accepted, verdict.bonus)
+            else:
+                self.search.skip(tokens)  # the target decoded alone: the draft catches up when next needed
+        draft_s += time.perf_counter() - t
+        forwards, expanded = (after - before for after, before in zip(self._draft_work(), work_before))
         depth = int(tree.depths().max()) if len(tree) else 0
-        forwards = self.search.draft.forwards - forwards if self.search else 0
-        stats.rounds.append(RoundStats(len(tree), depth, len(tokens), reused, forwards, draft_s, verify_s))
+        mode = "tree" if sent else "autoregressive"
+        stats.rounds.append(RoundStats(len(tree), depth, len(tokens), carried, draft_s, verify_s,
+                                       max(in_flight_s - verify_s, 0.0), overlap_s, forwards, expanded, mode))
         stats.draft_s += draft_s
         stats.verify_s += verify_s
+        if self.auto:
+            self.auto.observe(sent, verdict.accepted, stats.rounds[-1], timed=len(stats.rounds) > 1)
+
+    def _plan(self, state: _Progress) -> int:
+        """Nodes in this round's tree; 0: the target decodes alone (no draft, `--budget auto`'s
+        guard, or one token left). The last rounds get trees sized to the tokens still wanted."""
+        if not self.search:
+            return 0
+        budget = self.auto.budget if self.auto else self.config.budget
+        left = self.max_new_tokens - len(state.new) - 1  # tree tokens that can precede the bonus
+        return max(min(budget, self._room(state), LAST_ROUND_NODES_PER_TOKEN * left), 0)
+
+    def _draft_work(self) -> tuple[int, int]:
+        """Draft forwards and node expansions so far (cumulative counters)."""
+        if not self.search:
+            return 0, 0
+        return self.search.draft.forwards, self.search.expansions
 
     def _verify(self, request: VerifyRequest, committed: list[int]):
-        """Submit, grow past the budget while waiting (overlap), collect; recover lost sessions."""
+        """Submit, grow past the budget while waiting (overlap), collect; recover lost sessions.
+
+        Returns the verdict, the seconds from submit to verdict, and the seconds of drafting in them.
+        """
         t = time.perf_counter()
         self.link.submit(request)
         grow_s = 0.0
@@ -252,7 +310,7 @@ class DraftSession:
                 request = VerifyRequest(request.session, request.round, list(committed), request.tree,
                                         request.max_emit)
                 self.link.submit(request)
-        return verdict, time.perf_counter() - t - grow_s, grow_s
+        return verdict, time.perf_counter() - t, grow_s
 
     def _link_counters(self) -> dict:
         link_stats = getattr(self.link, "stats", None)

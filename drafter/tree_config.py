@@ -10,25 +10,33 @@ from dataclasses import dataclass
 
 METHODS = ("specexec", "specinfer", "chain", "autoregressive")
 DEFAULT_BUDGET = 16  # nodes per tree: the one default the CLI, bench and API read
+DEFAULT_BEAMS = 16  # draft forward width: near a 1-node forward's cost on a 2-core CPU (draft_profile)
+WASTE_DIVISOR = 4  # a forward expands at most budget / this many nodes (forwards cost ~flat in width: fewer forwards win)
+BATCH_MARGIN = 2.0  # nats: a forward's nodes score within this of its best one (a confident chain goes alone)
+LAST_ROUND_NODES_PER_TOKEN = 8  # the last rounds' budget cap, per token still wanted before the bonus
 
 
 @dataclass(frozen=True)
 class TreeConfig:
     method: str = "specexec"
     budget: int = DEFAULT_BUDGET
-    max_n_beams: int = 64  # nodes expanded per draft forward
+    max_n_beams: int = DEFAULT_BEAMS  # nodes expanded per draft forward, at most
     branch_width: int = 16  # children discovered per expanded node
     max_depth: int = 32
     q_support: int = 64  # size of the truncated draft distribution for sampled children
     overlap_beams: int = 4  # nodes per draft forward while growing past the budget (small: stop soon)
     overlap_extra: int = 128  # nodes expanded past the budget per round, at most
+    ngram: bool = False  # prompt-lookup nodes (free: no draft forward until expanded); off: see report
+    ngram_len: int = 3  # longest suffix of the committed text looked up earlier in it
+    ngram_tokens: int = 8  # tokens of the found continuation hung under the root
+    ngram_logp: float = -0.7  # score of each n-gram step below its parent (as a child of p ~ 0.5)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.method != "autoregressive" and self.budget < 1:
             raise ValueError(f"budget must be at least 1 for {self.method}, got {self.budget}")
-        for name in ("max_n_beams", "branch_width", "max_depth", "q_support", "overlap_beams"):
+        for name in ("max_n_beams", "branch_width", "max_depth", "q_support", "overlap_beams", "ngram_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -40,3 +48,7 @@ class TreeConfig:
     @property
     def width(self) -> int:
         return 1 if self.method == "chain" else self.branch_width
+
+    @property
+    def uses_ngram(self) -> bool:
+        return self.ngram and self.method == "specexec" and self.ngram_tokens > 0 and self.width > 1

@@ -3,21 +3,36 @@
 One search object lives for a whole generation. Node 0 is the root (the last committed token);
 every other node has a parent, a token, a depth and a score, the draft's cumulative
 log-probability of its path. Expanding a node runs the draft on it (batched, tree-masked) and
-discovers its top `branch_width` children as candidates.
+discovers its top `branch_width` children. A discovered node needs no draft forward to be sent:
+the verifier only needs its token, so the tree's leaves are usually never expanded.
 
-Best-first (DESIGN.md, "Growing the tree"): pop the best candidates, up to `max_n_beams` per
-draft forward, while they can still enter the top `budget`; stop when the tree holds `budget`
-nodes and no candidate can. All selected nodes are expanded, so every undiscovered node scores
-below some candidate, and the final tree -- the `budget` best selected nodes -- is exactly the
-top-`budget` set. It is closed under ancestors since a child never outscores its parent (ties
-go to the earlier-discovered node).
+Best-first (DESIGN.md, "Growing the tree"): the round's tree is the `budget` best discovered
+nodes. A node is expanded only while its children could still enter that set (its score beats
+the budget-th best discovered score); each draft forward takes the best such nodes, up to
+`max_n_beams` at once (a forward that wide costs about what a 1-node forward costs on a CPU,
+see drafter/draft_profile.py) and at most a quarter of the budget (wider, the children of the
+batch's best nodes push its worst ones out of the tree: wasted expansions). Growth stops when no unexpanded node can have a child in the
+top `budget`: every undiscovered node scores below an unexpanded ancestor, so the tree is
+exactly the top-`budget` set, closed under ancestors since a child never outscores its parent
+(ties go to the earlier-discovered node). With one node per forward no expanded node ever
+falls out of the tree; wider forwards waste a little (`expansions_per_node_sent` in the stats).
 
-Past the budget (`grow_beyond`, the overlap) the same queue keeps being expanded in the same
-order, and `reroot` carries the new root's subtree and its draft KV into the next round.
+The tree persists across rounds: on the verdict, the new root's discovered subtree, expanded
+or not, becomes the next round's tree with its draft KV kept (`reroot`), so only new nodes
+cost a draft forward. Past the budget (`grow_beyond`, the overlap while the target verifies)
+the same frontier keeps being expanded best-first, at most `overlap_extra` nodes per round.
+
+Free nodes (`ngram`): the continuation of the last few committed tokens found earlier in the
+prompt and the text so far (prompt lookup) is hung under the root as a chain, merged into the
+existing branch where tokens coincide so siblings stay distinct. Each n-gram step scores
+`ngram_logp` below its parent, so it competes for the budget like a draft child of probability
+exp(ngram_logp); when the draft expands the parent and proposes the same token, the node keeps
+the better of the two scores. The nodes cost no draft forward until they are expanded.
 
 A greedy chain is a tree with `branch_width` 1. SpecInfer trees and sampled chains are not
 grown here but in drafter/sampled_tree.py (fixed shapes, so the multi-draft rule stays exact);
-drafter/search_api.py picks the search for a method.
+drafter/search_api.py picks the search for a method. N-gram nodes are only added to SpecExec
+trees (a chain is one branch).
 """
 
 from __future__ import annotations
@@ -28,7 +43,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from specexec.drafter.draft_model import DraftModel
-from specexec.drafter.tree_config import DEFAULT_BUDGET, METHODS, TreeConfig  # noqa: F401 (re-exported)
+from specexec.drafter.ngram import PromptLookup
+from specexec.drafter.tree_config import (BATCH_MARGIN, DEFAULT_BUDGET, LAST_ROUND_NODES_PER_TOKEN,  # noqa: F401
+                                          METHODS, WASTE_DIVISOR, TreeConfig)
 from specexec.protocol.sampling import SamplingParams
 from specexec.protocol.tree import ROOT, DraftTree
 
@@ -51,23 +68,29 @@ class TreeSearch:
         self.config = config
         self.params = params
         self.draft_temperature = params.temperature if params.temperature > 0 else 1.0
-        self.reused = 0  # nodes carried into a round by reroot, for the overlap hit statistic
+        self.lookup = PromptLookup(config.ngram_len)
+        self.reused = 0  # nodes carried into this round by reroot
+        self.expansions = 0  # nodes expanded by the draft so far (cumulative; stats take differences)
+        self.depth_cap = config.max_depth  # deepest node this round's tree may hold
+        self._overlap_done = 0
+        self.behind: list[int] = []  # committed tokens the draft has not seen (the target ran alone)
         self._clear(0)
 
     # -- state --------------------------------------------------------------------------------
 
     def _clear(self, root_token: int) -> None:
         self.token, self.parent, self.score = [root_token], [ROOT], [0.0]
-        self.depth, self.slot = [0], [ROOT]
+        self.depth, self.slot = [0], [ROOT]  # slot None: discovered, not expanded
+        self.kids: list[list[int]] = [[]]
         self.child_of: dict[tuple[int, int], int] = {}
-        self.candidates: list[tuple[float, int]] = []
-        self.selected: list[int] = []
-        self.top: list[float] = []  # min-heap of the best `budget` selected scores
+        self.frontier: list[tuple[float, int]] = []  # max-heap of expandable nodes (parent expanded)
+        self.top: list[float] = []  # min-heap of the best `budget` discovered scores within depth_cap
 
     def start(self, prompt: list[int]) -> None:
         """Prefill the committed sequence and discover the root's children."""
         self.draft.reset()
         root_logits = self.draft.extend(prompt)
+        self.lookup.reset(list(prompt))
         self._clear(prompt[-1])
         self._discover([0], root_logits[None])
 
@@ -78,48 +101,103 @@ class TreeSearch:
         self.score.append(score)
         self.depth.append(self.depth[parent] + 1)
         self.slot.append(None)
+        self.kids.append([])
+        self.kids[parent].append(nid)
         self.child_of[(parent, token)] = nid
-        heapq.heappush(self.candidates, (-score, nid))
+        self._offer(nid)
         return nid
+
+    def _offer(self, nid: int) -> None:
+        """A node discovered or rescored: a candidate for expansion and for the tree."""
+        if self.slot[self.parent[nid]] is not None:
+            heapq.heappush(self.frontier, (-self.score[nid], nid))
+        if self.depth[nid] <= self.depth_cap:
+            s = self.score[nid]
+            if len(self.top) < self.config.budget:
+                heapq.heappush(self.top, s)
+            elif s > self.top[0]:
+                heapq.heapreplace(self.top, s)
+
+    def _rebuild(self) -> None:
+        """Both heaps from scratch: at each round's start, after the budget or depth cap changed."""
+        nodes = range(1, len(self.token))
+        self.frontier = [(-self.score[n], n) for n in nodes
+                         if self.slot[n] is None and self.slot[self.parent[n]] is not None]
+        heapq.heapify(self.frontier)
+        inside = (self.score[n] for n in nodes if self.depth[n] <= self.depth_cap)
+        self.top = heapq.nlargest(self.config.budget, inside)
+        heapq.heapify(self.top)
 
     # -- growth -------------------------------------------------------------------------------
 
     def set_budget(self, budget: int) -> None:
-        """Change the budget for the next rounds (`--budget auto` after its warm-up)."""
+        """Change the budget for the next rounds (`--budget auto`, the speed guard)."""
         self.config = replace(self.config, budget=budget)
-        self.top = heapq.nlargest(budget, (self.score[n] for n in self.selected))
-        heapq.heapify(self.top)
+
+    def limit_depth(self, cap: int) -> None:
+        """This round's tree holds no node deeper than `cap` (the tokens still wanted, less the bonus)."""
+        self.depth_cap = max(min(cap, self.config.max_depth), 1)
+
+    def skip(self, tokens: list[int]) -> None:
+        """The target decoded `tokens` without a tree: drop the tree, catch up at the next grow."""
+        if not self.behind:
+            self.draft.keep([], [])
+        self.behind += tokens
+        self.lookup.extend(tokens)
+        self.reused = 0
+
+    def _catch_up(self) -> None:
+        root_logits = self.draft.extend(self.behind)
+        self._clear(self.behind[-1])
+        self.behind = []
+        self._discover([0], root_logits[None])
 
     def grow(self) -> None:
-        """Expand until the top-`budget` tree is certain."""
-        while batch := self._pop(certify=True):
+        """Add the n-gram nodes, then expand until the top-`budget` tree is certain."""
+        if self.behind:
+            self._catch_up()
+        if self.config.uses_ngram:
+            self._hang_ngram()
+        self._rebuild()
+        while batch := self._pop(self.batch_width, certify=True):
             self._expand(batch)
+
+    @property
+    def batch_width(self) -> int:
+        """Nodes per draft forward: a quarter of the budget, at most `max_n_beams`. Wider batches
+        expand nodes that the children of the batch's better nodes then push out of the tree."""
+        return max(1, min(self.config.max_n_beams, self.config.budget // WASTE_DIVISOR))
 
     def grow_beyond(self) -> bool:
         """One more draft forward past the budget, in the same best-first order (the overlap).
 
-        Returns False when there is nothing left to grow.
+        Counts only the nodes expanded after the round's tree was taken; returns False when
+        the round's allowance (`overlap_extra`) is spent or there is nothing left to grow.
         """
-        if self.draft.n_slots >= self.config.budget + self.config.overlap_extra:
+        room = self.config.overlap_extra - self._overlap_done
+        if room <= 0:
             return False
-        batch = self._pop(certify=False, limit=self.config.overlap_beams)
+        batch = self._pop(min(self.config.overlap_beams, room), certify=False)
         if batch:
             self._expand(batch)
+            self._overlap_done += len(batch)
         return bool(batch)
 
-    def _pop(self, certify: bool, limit: int | None = None) -> list[int]:
-        budget, batch, limit = self.config.budget, [], limit or self.config.max_n_beams
-        while self.candidates and len(batch) < limit:
-            neg, nid = self.candidates[0]
+    def _pop(self, width: int, certify: bool) -> list[int]:
+        """The best expandable nodes, up to `width`; with `certify`, only those whose children
+        could still enter the top `budget`."""
+        budget, batch = self.config.budget, []
+        while self.frontier and len(batch) < width:
+            neg, nid = self.frontier[0]
+            if self.slot[nid] is not None or -neg != self.score[nid]:
+                heapq.heappop(self.frontier)  # stale: expanded already, or rescored
+                continue
             if certify and len(self.top) >= budget and -neg <= self.top[0]:
                 break
-            heapq.heappop(self.candidates)
-            self.selected.append(nid)
-            if len(self.top) < budget:
-                heapq.heappush(self.top, -neg)
-            elif -neg > self.top[0]:
-                heapq.heapreplace(self.top, -neg)
-            if self.depth[nid] < self.config.max_depth:
+            if certify and batch and -neg < self.score[batch[0]] - BATCH_MARGIN:
+                break  # far below the batch's best: its children would likely push it out of the tree
+            heapq.heappop(self.frontier)
+            if self.depth[nid] < self.depth_cap:
                 batch.append(nid)
         return batch
 
@@ -128,7 +206,23 @@ class TreeSearch:
         logits = self.draft.expand([self.token[n] for n in batch], [self.slot[self.parent[n]] for n in batch])
         for i, nid in enumerate(batch):
             self.slot[nid] = first + i
+        self.expansions += len(batch)
+        for nid in batch:  # n-gram children hung before their parent was expanded: now expandable
+            for kid in self.kids[nid]:
+                heapq.heappush(self.frontier, (-self.score[kid], kid))
         self._discover(batch, logits)
+
+    def _child(self, parent: int, token: int, score: float) -> None:
+        """Discover (parent, token), or rescore an n-gram node the draft also proposes."""
+        nid = self.child_of.get((parent, token))
+        if nid is None:
+            self._add(parent, token, score)
+        elif score > self.score[nid]:
+            if self.score[nid] in self.top:  # counted once, at its new score (rare: n-gram nodes only)
+                self.top.remove(self.score[nid])
+                heapq.heapify(self.top)
+            self.score[nid] = score
+            self._offer(nid)
 
     def _discover(self, nodes: list[int], logits: torch.Tensor) -> None:
         """Add the children of freshly expanded `nodes` as candidates."""
@@ -140,13 +234,22 @@ class TreeSearch:
                 continue
             base = self.score[nid]
             for v, t in zip(vals[row], ids[row]):
-                self._add(nid, t, base + v)
+                self._child(nid, t, base + v)
+
+    def _hang_ngram(self) -> None:
+        """The prompt-lookup continuation as a chain under the root, merged where tokens coincide."""
+        node = 0
+        for token in self.lookup.propose(min(self.config.ngram_tokens, self.depth_cap)):
+            nxt = self.child_of.get((node, token))
+            node = nxt if nxt is not None else self._add(node, token, self.score[node] + self.config.ngram_logp)
 
     # -- the round's tree ----------------------------------------------------------------------
 
     def tree(self) -> RoundTree:
-        """The `budget` best selected nodes, parents first, in wire form."""
-        best = sorted(self.selected, key=lambda n: (-self.score[n], n))[: self.config.budget]
+        """The `budget` best discovered nodes, parents first, in wire form."""
+        self._overlap_done = 0
+        inside = (n for n in range(1, len(self.token)) if self.depth[n] <= self.depth_cap)
+        best = heapq.nsmallest(self.config.budget, inside, key=lambda n: (-self.score[n], n))
         rank = {n: r for r, n in enumerate(best)}
         nodes = sorted(best)
         ranks = [rank[n] for n in nodes]
@@ -158,10 +261,10 @@ class TreeSearch:
 
     # -- the next round -----------------------------------------------------------------------
 
-    def reroot(self, sent: RoundTree, accepted: list[int], bonus: int) -> None:
-        """Commit the accepted path and the bonus; keep the new root's subtree when it was grown."""
-        self.reused = 0
-        path = [sent.nodes[i] for i in accepted]
+    def reroot(self, sent: RoundTree | None, accepted: list[int], bonus: int) -> None:
+        """Commit the accepted path and the bonus; the new root's subtree becomes the next tree."""
+        path = [sent.nodes[i] for i in accepted] if sent else []
+        self.lookup.extend([self.token[n] for n in path] + [bonus])
         new_root = self.child_of.get((path[-1] if path else 0, bonus))
         if new_root is not None:
             path.append(new_root)
@@ -170,6 +273,7 @@ class TreeSearch:
         if new_root is not None and self.slot[new_root] is not None:
             self._carry_subtree(new_root, [self.slot[n] for n in slotted])
             return
+        self.reused = 0
         self.draft.keep([self.slot[n] for n in slotted], [])
         tail = [self.token[n] for n in path[len(slotted):]]
         if new_root is None:
@@ -179,11 +283,13 @@ class TreeSearch:
         self._discover([0], root_logits[None])
 
     def _carry_subtree(self, root: int, path_slots: list[int]) -> None:
-        inside = {root}
-        for n in range(root + 1, len(self.token)):
-            if self.parent[n] in inside:
-                inside.add(n)
-        old = sorted(inside)
+        """Keep every node under `root`, expanded or not, renumbered in discovery order."""
+        old, stack = [], [root]
+        while stack:
+            n = stack.pop()
+            old.append(n)
+            stack.extend(self.kids[n])
+        old.sort()
         tree_slots = [self.slot[n] for n in old if n != root and self.slot[n] is not None]
         self.draft.keep(path_slots, tree_slots)
         new_slot = {s: i for i, s in enumerate(sorted(tree_slots))}
@@ -194,17 +300,13 @@ class TreeSearch:
         for n in old[1:]:
             nid = len(self.token)
             renum[n] = nid
+            p = renum[parent[n]]
             self.token.append(token[n])
-            self.parent.append(renum[parent[n]])
+            self.parent.append(p)
             self.score.append(score[n] - base)
             self.depth.append(depth[n] - base_depth)
             self.slot.append(None if slot[n] is None else new_slot[slot[n]])
-            self.child_of[(self.parent[nid], token[n])] = nid
-            if self.slot[nid] is None:
-                heapq.heappush(self.candidates, (-self.score[nid], nid))
-            else:
-                self.selected.append(nid)
-                heapq.heappush(self.top, self.score[nid])
-        while len(self.top) > self.config.budget:
-            heapq.heappop(self.top)
+            self.kids.append([])
+            self.kids[p].append(nid)
+            self.child_of[(p, token[n])] = nid
         self.reused = len(self.token) - 1

@@ -62,3 +62,69 @@ def test_budget_tuners_are_kept_per_context_and_settings():
     assert tuners.for_run(_options(temperature=0.6), "chat") is not chat
     assert tuners.for_run(_options(), None) is not tuners.for_run(_options(), None)  # no context: fresh
     assert tuners.for_run(_options(budget_auto=False), "chat") is None
+
+
+# -- AutoBudget over observed rounds ------------------------------------------------------------
+
+from types import SimpleNamespace
+
+from specexec.drafter.budget_tuner import AutoBudget
+from specexec.drafter.session import RoundStats
+from specexec.protocol.tree import DraftTree
+
+
+def chain_round(size: int, accepted: int):
+    """A sent chain of `size` nodes (ranks in depth order) of which the first `accepted` were accepted."""
+    tree = DraftTree.build(list(range(size)), [-1] + list(range(size - 1)))
+    return SimpleNamespace(tree=tree, nodes=list(range(1, size + 1)), ranks=list(range(size))), list(range(accepted))
+
+
+def feed(tuner, rounds, accept_rate=0.5, verify=lambda n: 1.0, draft=lambda n: 0.01, most=10**9):
+    for _ in range(rounds):
+        b = tuner.budget
+        if b == 0:
+            tuner.observe(None, [], RoundStats(0, 0, 1, 0, 0.0, verify(0), 0.0))
+            continue
+        sent, acc = chain_round(b, min(int(b * accept_rate), most))
+        tuner.observe(sent, acc, RoundStats(b, b, len(acc) + 1, 0, draft(b), verify(b), 0.0))
+
+
+def test_flat_target_climbs_past_every_budget_seen():
+    tuner = AutoBudget({1: 1.0, 4096: 1.0}, {1: 0.001, 64: 0.002}, warmup_budget=8, every=2)
+    feed(tuner, 12)
+    assert tuner.budget >= 128  # 8 -> 32 -> 128 -> ...: extrapolated acceptance, flat cost
+
+
+def test_measured_verify_time_corrects_the_curve():
+    curve = {1: 0.1, 4096: 0.1}  # the profile says flat and cheap
+    tuner = AutoBudget(curve, {1: 0.001, 64: 0.002}, warmup_budget=8, every=2)
+    real = lambda n: 0.1 + 0.02 * n  # the real passes grow with the tree
+    feed(tuner, 16, verify=real, most=6)  # at most 6 tokens accepted: big trees don't pay
+    sizes = {r.size for r in tuner.rounds}
+    assert len(sizes) > 1
+    by_budget = {e.budget: e for e in tuner.estimates()}
+    for n in sizes & set(by_budget):
+        assert by_budget[n].target_s == pytest.approx(real(n))
+    assert tuner.budget < 256  # a flat profile alone would have climbed on
+
+
+def test_guard_decodes_alone_when_speculation_loses_and_tries_again():
+    # trees accept nothing and cost more than a plain pass: each tree round is slower than the target alone
+    tuner = AutoBudget({1: 0.5, 64: 0.5}, {1: 0.001, 64: 0.002}, warmup_budget=16, every=2, backoff=3)
+    seen = []
+    for _ in range(20):
+        feed(tuner, 1, accept_rate=0.0, verify=lambda n: 0.5 + 0.01 * n, draft=lambda n: 0.2)
+        seen.append(tuner.budget)
+    assert 0 in seen and seen[-1] == 0 or seen.count(0) > 10
+    first_plain = seen.index(0)
+    assert any(b > 0 for b in seen[first_plain:])  # it tried trees again after the backoff
+    assert seen.count(0) > len(seen) // 2  # and backed off longer each time it lost
+
+
+def test_guard_keeps_trees_that_win():
+    tuner = AutoBudget({1: 0.5, 64: 0.5}, {1: 0.001, 64: 0.002}, warmup_budget=16, every=2)
+    seen = []
+    for _ in range(12):
+        feed(tuner, 1, accept_rate=0.5, verify=lambda n: 0.5)
+        seen.append(tuner.budget)
+    assert 0 not in seen

@@ -54,3 +54,28 @@ def test_extend_refuses_open_slots():
     draft.expand([1], [ROOT])
     with pytest.raises(RuntimeError, match="open tree slots"):
         draft.extend([2])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_after_rounds_of_keep_equals_a_fresh_prefill(arch):
+    """Past the buffer's first capacity, through several rounds of commit-and-keep, the cache's
+    committed part equals a fresh prefill of the committed text, and kept slots still work."""
+    model = tiny_lm(arch)
+    draft = DraftModel(model)
+    committed = [(7 * i) % 90 + 1 for i in range(250)]
+    draft.extend(committed)
+    for r in range(3):
+        draft.expand([10 + r, 11 + r], [ROOT, ROOT])       # slots 0, 1
+        draft.expand([20, 21, 22], [0, 0, 1])              # slots 2, 3, 4
+        draft.expand([30], [3])                            # slot 5, under 10+r, 21
+        draft.keep([0, 3], [5])                            # commit 10+r, 21; keep 30
+        committed += [10 + r, 21]
+        out = draft.expand([40], [0])                      # under the kept 30
+        assert (out[0] - plain_logits(model, committed + [30, 40])).abs().max() < 1e-4
+        draft.keep([0], [])                                # commit 30, drop 40
+        committed.append(30)
+    fresh = DraftModel(model)
+    fresh.extend(committed)
+    for mine, ref in zip(draft.cache.layers, fresh.cache.layers):
+        assert mine.keys.shape == ref.keys.shape
+        assert (mine.keys - ref.keys).abs().max() < 1e-4 and (mine.values - ref.values).abs().max() < 1e-4

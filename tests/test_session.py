@@ -40,6 +40,15 @@ def test_greedy_output_equals_target_greedy(pair, method, budget):
         assert out.stats.target_forwards == len(out.stats.rounds)
 
 
+@pytest.mark.parametrize("budget", [1, 3, 16, 64, 256])
+def test_greedy_output_is_exact_with_ngram_nodes(pair, budget):
+    """Prompt-lookup nodes on (PROMPTS[3] repeats itself, so they are proposed and accepted)."""
+    target, draft, model = pair
+    for prompt in PROMPTS:
+        out = run(target, draft, prompt, N_NEW, budget=budget, ngram=True)
+        assert out.token_ids == greedy_reference(model, prompt, N_NEW), (budget, prompt)
+
+
 def test_trees_are_accepted_deeply(pair):
     """The fixture's draft is good enough that the test above exercises multi-token rounds."""
     target, draft, _ = pair
@@ -48,17 +57,34 @@ def test_trees_are_accepted_deeply(pair):
     assert max(r.accepted for r in out.stats.rounds) >= 4
 
 
-def test_a_tuner_warms_up_once_and_later_generations_keep_its_budget(pair):
+def test_auto_budget_learns_from_every_round_of_every_generation(pair):
+    """One tuner across two generations: it records every tree round of both and re-decides;
+    the output stays the target's own (the choices themselves: tests/test_budget_tuner.py)."""
     target, draft, model = pair
-    flat = {1: 0.1, 1024: 0.1}  # the target costs the same at any size: the tuner's pick is the largest useful
-    tuner = AutoBudget(flat, {1: 0.001, 64: 0.002}, warmup_budget=64, warmup_rounds=2)
+    tuner = AutoBudget({1: 0.1, 4096: 0.1}, {1: 1e-4, 64: 2e-4}, warmup_budget=8, warmup_rounds=2, every=2)
     first = run(target, draft, PROMPTS[0], N_NEW, auto_budget=tuner)
-    assert tuner.chosen is not None and first.stats.budget == tuner.chosen.budget
-    assert first.stats.rounds[0].tree_size > 16  # warm-up rounds at the warm-up budget
-    tuner.chosen = type(tuner.chosen)(4, 1.0, 0.0, 1.0)  # pretend it picked 4, to see it kept
+    assert first.token_ids == greedy_reference(model, PROMPTS[0], N_NEW)
+    assert first.stats.rounds[0].tree_size == 8 and tuner.chosen is not None
+    seen = len(tuner.rounds)
+    assert seen == sum(r.mode == "tree" for r in first.stats.rounds)
     second = run(target, draft, PROMPTS[1], N_NEW, auto_budget=tuner)
     assert second.token_ids == greedy_reference(model, PROMPTS[1], N_NEW)
-    assert second.stats.budget == 4 and max(r.tree_size for r in second.stats.rounds) <= 4
+    assert len(tuner.rounds) == seen + sum(r.mode == "tree" for r in second.stats.rounds)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_the_speed_guard_switches_modes_and_output_stays_exact(pair, prompt):
+    """A target alone pretended nearly free: speculation loses, the guard decodes autoregressively
+    for a while, tries trees again, and so on; the output is the target's greedy output."""
+    target, draft, model = pair
+    tuner = AutoBudget({1: 1e-7, 64: 1e-7}, {1: 1e-4, 64: 2e-4}, warmup_budget=16, warmup_rounds=1,
+                       every=1, backoff=1)
+    out = run(target, draft, prompt, N_NEW, auto_budget=tuner)
+    assert out.token_ids == greedy_reference(model, prompt, N_NEW)
+    modes = out.stats.summary()["tokens_by_mode"]
+    assert modes.get("tree", 0) > 0 and modes.get("autoregressive", 0) > 1
+    assert sum(modes.values()) == N_NEW
+    assert all(r.tree_size == 0 and r.draft_forwards == 0 for r in out.stats.rounds if r.mode == "autoregressive")
 
 
 def test_autoregressive_is_the_empty_tree(pair):
@@ -215,3 +241,19 @@ def test_first_two_tokens_follow_the_target_when_the_budget_trims(small_pairs, c
     # Power: the draft's own law (what a sampler leaking the proposal would give) fails the check.
     leaked = exact_first_tokens(draft.model, prompt, SamplingParams(temperature, top_p), k=2)
     assert not matches({c: round(p * n) for c, p in leaked.items()}, exact, n, alpha=1e-3)[0]
+
+
+def test_rounds_report_what_drafting_cost(pair):
+    """Per round: draft forwards, nodes expanded and sent; the summary totals them; round time
+    splits into drafting, verification and waiting."""
+    target, draft, _ = pair
+    before = draft.forwards
+    out = run(target, draft, PROMPTS[0], N_NEW, budget=16)
+    rounds, summary = out.stats.rounds, out.stats.summary()
+    assert summary["draft_forwards"] == sum(r.draft_forwards for r in rounds) == draft.forwards - before - 1
+    assert all(r.draft_forwards >= 1 and r.expanded >= 1 for r in rounds[:-1])
+    assert summary["nodes_sent"] == sum(r.tree_size for r in rounds)
+    assert summary["expansions_per_node_sent"] == round(sum(r.expanded for r in rounds) / summary["nodes_sent"], 3)
+    assert summary["carried_nodes_mean"] == round(sum(r.carried for r in rounds) / len(rounds), 2)
+    assert all(r.verify_s > 0 and r.wait_s >= 0 and r.round_s >= r.verify_s for r in rounds)
+    assert summary["tokens_by_mode"]["tree"] >= N_NEW - 1  # the last token needs no tree

@@ -1,3 +1,6 @@
+from dataclasses import replace
+
+import numpy as np
 import pytest
 
 from specexec.drafter.tree_search import TreeConfig, TreeSearch
@@ -14,7 +17,8 @@ def paths(tree):
 
 
 def grown(config, params=SamplingParams(), prompt=PROMPT):
-    search = TreeSearch(KnownDraft(VOCAB), config, params)
+    """A search grown for one round; the oracle knows no n-gram nodes, so they are off."""
+    search = TreeSearch(KnownDraft(VOCAB), replace(config, ngram=False), params)
     search.start(list(prompt))
     search.grow()
     return search, search.tree()
@@ -103,3 +107,94 @@ def test_chain_is_one_path_of_budget_tokens():
 def test_bad_config_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TreeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("budget", [8, 16, 64, 256])
+def test_few_expansions_per_node_sent(budget):
+    """Leaves are sent unexpanded, and a forward is never wider than the budget can use."""
+    search, sent = grown(TreeConfig("specexec", budget))
+    assert len(sent.nodes) == budget
+    assert search.expansions <= 1.45 * budget  # this draft is near uniform: a worst case
+    one_by_one, _ = grown(TreeConfig("specexec", budget, max_n_beams=1))
+    assert one_by_one.expansions < budget  # best-first one node at a time wastes nothing
+    assert search.draft.forwards < one_by_one.draft.forwards or budget < 16
+
+
+def test_the_whole_subtree_is_carried_and_only_new_nodes_cost_forwards():
+    config = TreeConfig("specexec", 24, max_n_beams=4, branch_width=5)
+    search, sent = grown(config)
+    tree = sent.tree
+    a = tree.children(ROOT)[0]
+    node_a = sent.nodes[a]
+    child = next(c for c in search.kids[node_a] if search.slot[c] is not None)  # an expanded child of a
+    under = [n for n in range(len(search.token)) if n != child and _descends(search, n, child)]
+    search.reroot(sent, [a], search.token[child])
+    assert search.reused == len(under) > 0
+    assert any(search.slot[n] is None for n in range(1, len(search.token)))  # unexpanded nodes too
+    before = search.expansions
+    search.grow()
+    committed = PROMPT + [int(tree.tokens[a]), search.token[0]]
+    assert search.draft.seq == committed
+    assert paths(search.tree().tree) == oracle_top(committed, VOCAB, 24, 5, 32)
+    fresh, _ = grown(config, prompt=committed)
+    assert search.expansions - before < fresh.expansions
+
+
+def _descends(search, node, ancestor):
+    while node not in (ancestor, 0):
+        node = search.parent[node]
+    return node == ancestor
+
+
+def test_overlap_counts_only_the_nodes_grown_after_the_tree_was_sent():
+    config = TreeConfig("specexec", 64, branch_width=4, overlap_beams=4, overlap_extra=10)
+    search, _ = grown(config)
+    before = search.expansions
+    while search.grow_beyond():
+        pass
+    assert search.expansions - before == 10  # however far the main search went past the budget
+
+
+def test_depth_cap_sizes_the_last_rounds():
+    search = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 30, branch_width=5, ngram=False), SamplingParams())
+    search.start(PROMPT)
+    search.limit_depth(2)
+    search.grow()
+    tree = search.tree().tree
+    assert tree.depths().max() <= 2
+    assert paths(tree) == oracle_top(PROMPT, VOCAB, 30, 5, 2)
+
+
+def test_skipped_tokens_are_caught_up_before_the_next_tree():
+    config = TreeConfig("specexec", 12, branch_width=4, ngram=False)
+    search, sent = grown(config)
+    search.skip([7])
+    search.skip([9])
+    search.grow()
+    assert search.draft.seq == PROMPT + [7, 9]
+    assert paths(search.tree().tree) == oracle_top(PROMPT + [7, 9], VOCAB, 12, 4, 32)
+
+
+def test_ngram_nodes_are_free_distinct_and_merged():
+    """The continuation of the text's suffix found earlier hangs under the root as a chain with
+    no draft forward; where the draft proposed the same token it is the same node."""
+    prompt = [2, 9, 11, 13, 17, 19, 5, 2, 9, 11]  # "2 9 11" occurred before, followed by 13 17 19 5
+    search = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 4, branch_width=4, ngram=True, ngram_tokens=4), SamplingParams())
+    search.start(prompt)
+    search.grow()
+    sent = search.tree()
+    sent.tree.validate(VOCAB)  # siblings distinct
+    node, chain = 0, []
+    for t in (13, 17, 19, 5):
+        node = search.child_of[(node, t)]
+        chain.append(node)
+    assert search.slot[chain[-1]] is None  # the chain's end was never run through the draft
+    plain = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 4, branch_width=4, ngram=False), SamplingParams())
+    plain.start(prompt)
+    plain.grow()
+    draft_kids = {plain.token[c] for c in plain.kids[0]}
+    assert {search.token[c] for c in search.kids[0]} == draft_kids | {13}
+    wide = TreeSearch(KnownDraft(VOCAB), TreeConfig("specexec", 40, branch_width=4, ngram=True, ngram_tokens=4), SamplingParams())
+    wide.start(prompt)
+    wide.grow()
+    assert (13, 17, 19, 5) in paths(wide.tree().tree)
