@@ -81,6 +81,7 @@ class RemoteVerifier:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, b"D" + os.urandom(15))  # kept across reconnects: we own our session
         heartbeat(self.sock)
+        self.curve = bool(curve_dir)
         if curve_dir:
             curve_client(self.sock, curve_dir)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -190,12 +191,18 @@ class RemoteVerifier:
                 raise VerifierUnreachable(f"no connection to the verifier at {self.address} for "
                                           f"{self.timeout_s:.0f} s")
 
+    def _handshake_failure(self, event: int) -> str:
+        """What a refused handshake means; without CURVE here, any refusal means the verifier has it on."""
+        if not self.curve:
+            return HANDSHAKE_FAILURES[zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL]
+        return HANDSHAKE_FAILURES[event]
+
     def _on_monitor_event(self, event: dict) -> None:
         if event["event"] in HANDSHAKE_FAILURES:
             self._handshake_failures += 1
             if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL \
                     or self._handshake_failures >= HANDSHAKE_RETRIES:
-                raise HandshakeRefused(f"{self.address}: {HANDSHAKE_FAILURES[event['event']]}")
+                raise HandshakeRefused(f"{self.address}: {self._handshake_failure(event['event'])}")
         elif event["event"] == zmq.EVENT_DISCONNECTED:
             if self._connected:
                 self._connected, self._down_since = False, time.monotonic()

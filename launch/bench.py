@@ -110,7 +110,7 @@ def run_bench(runner: Runner, prompt_sets: dict[str, list[list[int]]], prompt_id
 
 
 COLUMNS = ("set", "method", "budget", "temp", "gen_rate", "gen_rate ref", "tok/s", "decode tok/s", "draft s/rnd",
-           "verify s/rnd", "tree size", "tree depth", "hit rate", "GB/pass", "GB/s", "verifier MB", "speedup",
+           "verify s/rnd", "wait s/rnd", "fwd/rnd", "exp/node", "carried", "tree size", "tree depth", "hit rate", "GB/pass", "GB/s", "verifier MB", "speedup",
            "decode speedup")
 
 
@@ -133,6 +133,10 @@ def summarize(records: Iterable[Record]) -> list[dict]:
             "decode tok/s": _mean_or_none(x["decode_tokens_per_s"] for x in s),
             "draft s/rnd": sum(x["draft_s"] for x in s) / rounds,
             "verify s/rnd": sum(x["verify_s"] for x in s) / rounds,
+            "wait s/rnd": sum(x.get("wait_s", 0.0) for x in s) / rounds,  # transport, a verdict waiting on drafting
+            "fwd/rnd": sum(x.get("draft_forwards", 0) for x in s) / rounds,  # draft forwards per round
+            "exp/node": _ratio(sum(x.get("nodes_expanded", 0) for x in s), sum(x.get("nodes_sent", 0) for x in s)),
+            "carried": _mean_or_none(x.get("carried_nodes_mean") for x in s),  # tree nodes kept from the last round
             "tree size": statistics.fmean(x["mean_tree_size"] for x in s),
             "tree depth": statistics.fmean(x["mean_tree_depth"] for x in s),
             "hit rate": statistics.fmean(x["overlap_hit_rate"] for x in s),
@@ -164,6 +168,10 @@ def reference_gen_rate(records: Iterable[Record]) -> float | None:
         tokens = sum(x["accepted"] for x in later) - (r.stats.get("finish_reason") == "stop")
         rates.append(tokens / len(later))
     return statistics.fmean(rates) if rates else None
+
+
+def _ratio(a, b):
+    return a / b if b else None
 
 
 def _mean_or_none(values):

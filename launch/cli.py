@@ -58,11 +58,11 @@ class TreeChoice:
     auto: bool = False
 
     @classmethod
-    def build(cls, method, budget, max_n_beams, branch_width, max_depth) -> "TreeChoice":
+    def build(cls, method, budget, max_n_beams, branch_width, max_depth, ngram=TreeConfig.ngram) -> "TreeChoice":
         auto = budget == "auto"
         size = 0 if method == "autoregressive" else DEFAULT_BUDGET if auto else budget
         try:
-            return cls(TreeConfig(method, size, max_n_beams, branch_width, max_depth), auto)
+            return cls(TreeConfig(method, size, max_n_beams, branch_width, max_depth, ngram=ngram), auto)
         except ValueError as err:
             raise click.BadParameter(str(err))
 
@@ -114,6 +114,9 @@ tree_options = option_group(
     click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True,
                  help="Children considered per expanded node."),
     click.option("--max-depth", type=click.IntRange(min=1), default=TreeConfig.max_depth, show_default=True),
+    click.option("--ngram/--no-ngram", default=TreeConfig.ngram, show_default=True,
+                 help="Add prompt-lookup branches (continuations found earlier in the text) to SpecExec trees at "
+                      "no draft cost; verified like any node, so the output is unchanged."),
 )
 
 sampling_options = option_group(
