@@ -16,7 +16,7 @@ from typing import Callable
 
 from specexec.drafter.budget_tuner import AutoBudget
 from specexec.drafter.search_api import DraftSearch
-from specexec.drafter.tree_config import LAST_ROUND_NODES_PER_TOKEN, TreeConfig
+from specexec.drafter.tree_config import DEFAULT_MAX_NEW_TOKENS, LAST_ROUND_NODES_PER_TOKEN, TreeConfig
 from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
 from specexec.protocol.messages import VerifyRequest
 from specexec.protocol.sampling import SamplingParams
@@ -36,7 +36,7 @@ class RunOptions:
 
     tree: TreeConfig
     sampling: SamplingParams
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     overlap: bool = False
     budget_auto: bool = False
 

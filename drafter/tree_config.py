@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 METHODS = ("specexec", "specinfer", "chain", "autoregressive")
 DEFAULT_BUDGET = 16  # nodes per tree: the one default the CLI, bench and API read
+DEFAULT_MAX_NEW_TOKENS = 256  # tokens one generation makes at most, unless told (CLI, API, RunOptions)
 DEFAULT_BEAMS = 16  # draft forward width: near a 1-node forward's cost on a 2-core CPU (draft_profile)
 WASTE_DIVISOR = 4  # a forward expands at most budget / this many nodes (forwards cost ~flat in width: fewer forwards win)
 BATCH_MARGIN = 2.0  # nats: a forward's nodes score within this of its best one (a confident chain goes alone)

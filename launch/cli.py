@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import click
 
-from specexec.drafter.tree_config import DEFAULT_BUDGET, METHODS, TreeConfig
+from specexec.drafter.tree_config import DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS, METHODS, TreeConfig
 from specexec.launch import model_store
 from specexec.launch.options import DEFAULT_BIND, LinkOptions, ModelOptions, PlacementOptions
 from specexec.protocol.sampling import SamplingParams
@@ -135,7 +135,8 @@ sampling_options = option_group(
 system_option = click.option("--system", default=None, metavar="TEXT",
                              help="System message, put first through the chat template.")
 
-max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS,
+                                     show_default=True)
 
 placement_options = option_group(
     "placement", PlacementOptions,
