@@ -55,10 +55,14 @@ def test_request_memory_is_linear_in_the_appended_tokens():
         grew[n] = verdict.extra["request_rss_mb"]
         del session
     record("memory", request_rss_mb_by_appended_tokens=grew)
-    small, large = SIZES[-2], SIZES[-1]
-    ratio = large / small
-    # linear: growth scales by the token ratio; quadratic would scale by its square
-    assert grew[large] <= ratio * 1.5 * grew[small] + 16, grew
+    # One forward over all n appended tokens needs an n x n attention mask and scores: at 16k tokens
+    # that is 1 GiB for the float32 mask alone (+1.5 GiB was measured before chunking). Chunked, the
+    # growth is the KV cache and a chunk's n x 512 scores: far below a quarter of that. (RSS growth
+    # of one request in a long-lived process can read 0 when the allocator reuses freed memory, so
+    # the bound is against the quadratic cost, not a ratio of two small readings.)
+    large = SIZES[-1]
+    quadratic_mb = large * large * 4 / 2**20
+    assert grew[large] < quadratic_mb / 4, grew
 
 
 def test_reported_peak_is_the_requests_own_not_the_processs_lifetime():
