@@ -25,8 +25,9 @@ class TreeConfig:
     branch_width: int = 16  # children discovered per expanded node
     max_depth: int = 32
     q_support: int = 64  # size of the truncated draft distribution for sampled children
-    overlap_beams: int = 4  # nodes per draft forward while growing past the budget (small: stop soon)
-    overlap_extra: int = 128  # nodes expanded past the budget per round, at most
+    overlap_beams: int = 16  # nodes per draft forward past the budget (a verdict waits for one at most)
+    overlap_extra: int = 512  # nodes expanded past the budget per round, at most
+    overlap_depth_weight: float = 0.3  # past the budget: depth under a likely next root vs opening another
     ngram: bool = False  # prompt-lookup nodes (free: no draft forward until expanded); off: see report
     ngram_len: int = 3  # longest suffix of the committed text looked up earlier in it
     ngram_tokens: int = 8  # tokens of the found continuation hung under the root

@@ -20,7 +20,14 @@ falls out of the tree; wider forwards waste a little (`expansions_per_node_sent`
 The tree persists across rounds: on the verdict, the new root's discovered subtree, expanded
 or not, becomes the next round's tree with its draft KV kept (`reroot`), so only new nodes
 cost a draft forward. Past the budget (`grow_beyond`, the overlap while the target verifies)
-the same frontier keeps being expanded best-first, at most `overlap_extra` nodes per round.
+the search grows towards the likely verdicts, at most `overlap_extra` nodes per round. The
+next root is always a node outside the sent tree whose parent is in it (the bonus token where
+the target left the tree), and the work is only carried if that node was expanded. So each
+such candidate c is weighed by its probability exp(score(c)) under the draft, and a node m
+under it by score(c) + w * (score(m) - score(c)), `w = overlap_depth_weight` < 1: the likely
+candidates' subtrees are grown several levels deep (as the next round's search would grow
+them) before an unlikely candidate is opened. Unexpanded leaves of the sent tree rank by
+their own score (their children are candidates).
 
 Free nodes (`ngram`): the continuation of the last few committed tokens found earlier in the
 prompt and the text so far (prompt lookup) is hung under the root as a chain, merged into the
@@ -84,6 +91,9 @@ class TreeSearch:
         self.kids: list[list[int]] = [[]]
         self.child_of: dict[tuple[int, int], int] = {}
         self.frontier: list[tuple[float, int]] = []  # max-heap of expandable nodes (parent expanded)
+        self.outlook: list[tuple[float, int]] | None = None  # the overlap's heap (grow_beyond), this round only
+        self.anchor: dict[int, float] = {}  # score of each outlook node's first ancestor-or-self outside the tree
+        self.sent: set[int] = set()  # the search nodes of the tree last sent
         self.top: list[float] = []  # min-heap of the best `budget` discovered scores within depth_cap
 
     def start(self, prompt: list[int]) -> None:
@@ -111,6 +121,8 @@ class TreeSearch:
         """A node discovered or rescored: a candidate for expansion and for the tree."""
         if self.slot[self.parent[nid]] is not None:
             heapq.heappush(self.frontier, (-self.score[nid], nid))
+            if self.outlook is not None:
+                self._offer_outlook(nid)
         if self.depth[nid] <= self.depth_cap:
             s = self.score[nid]
             if len(self.top) < self.config.budget:
@@ -154,6 +166,7 @@ class TreeSearch:
 
     def grow(self) -> None:
         """Add the n-gram nodes, then expand until the top-`budget` tree is certain."""
+        self.outlook = None
         if self.behind:
             self._catch_up()
         if self.config.uses_ngram:
@@ -177,11 +190,42 @@ class TreeSearch:
         room = self.config.overlap_extra - self._overlap_done
         if room <= 0:
             return False
-        batch = self._pop(min(self.config.overlap_beams, room), certify=False)
+        if self.outlook is None:
+            self._open_outlook()
+        batch = self._pop_outlook(min(self.config.overlap_beams, room))
         if batch:
             self._expand(batch)
             self._overlap_done += len(batch)
         return bool(batch)
+
+    def _open_outlook(self) -> None:
+        """The overlap's heap over every expandable node, keyed towards the likely verdicts."""
+        self.outlook, self.anchor = [], {}
+        for n in range(1, len(self.token)):
+            if self.slot[n] is None and self.slot[self.parent[n]] is not None:
+                self._offer_outlook(n)
+
+    def _offer_outlook(self, nid: int) -> None:
+        parent = self.parent[nid]
+        if nid in self.sent or parent == 0 or parent in self.sent:
+            anchor = self.score[nid]  # a leaf of the tree, or a candidate next root
+        else:
+            anchor = self.anchor.get(parent)
+            if anchor is None:  # an ancestor outside the tree, discovered before the outlook opened
+                self._offer_outlook(parent)
+                anchor = self.anchor[parent]
+        self.anchor[nid] = anchor
+        if self.slot[parent] is not None and self.depth[nid] < self.config.max_depth:
+            key = anchor + self.config.overlap_depth_weight * (self.score[nid] - anchor)
+            heapq.heappush(self.outlook, (-key, nid))
+
+    def _pop_outlook(self, width: int) -> list[int]:
+        batch = []
+        while self.outlook and len(batch) < width:
+            _, nid = heapq.heappop(self.outlook)
+            if self.slot[nid] is None and nid not in batch:
+                batch.append(nid)
+        return batch
 
     def _pop(self, width: int, certify: bool) -> list[int]:
         """The best expandable nodes, up to `width`; with `certify`, only those whose children
@@ -252,6 +296,7 @@ class TreeSearch:
         best = heapq.nsmallest(self.config.budget, inside, key=lambda n: (-self.score[n], n))
         rank = {n: r for r, n in enumerate(best)}
         nodes = sorted(best)
+        self.sent, self.outlook = set(nodes), None
         ranks = [rank[n] for n in nodes]
         index = {n: i for i, n in enumerate(nodes)}
         index[0] = ROOT

@@ -198,3 +198,38 @@ def test_ngram_nodes_are_free_distinct_and_merged():
     wide.start(prompt)
     wide.grow()
     assert (13, 17, 19, 5) in paths(wide.tree().tree)
+
+
+def _verdict(sent, committed, noise=1.5):
+    """Greedy verification by a target that is the known draft plus noise: (accepted path, bonus)."""
+    from known_draft import known_logits
+    tree, path, context = sent.tree, [], list(committed)
+    while True:
+        logits = known_logits(context, VOCAB) + noise * known_logits(context + [VOCAB], VOCAB)
+        token = int(logits.argmax())
+        node = next((i for i in range(len(tree)) if int(tree.parents[i]) == (path[-1] if path else ROOT)
+                     and int(tree.tokens[i]) == token), None)
+        if node is None:
+            return path, token
+        path.append(node)
+        context.append(token)
+
+
+def _carried_after_overlap(depth_weight, prompt):
+    config = TreeConfig("specexec", 12, max_n_beams=4, branch_width=4, overlap_beams=4, overlap_extra=48,
+                        overlap_depth_weight=depth_weight)
+    search, sent = grown(config, prompt=prompt)
+    while search.grow_beyond():
+        pass
+    path, bonus = _verdict(sent, prompt)
+    search.reroot(sent, path, bonus)
+    return sum(s is not None for s in search.slot[1:])  # expanded nodes carried into the next round
+
+
+def test_overlap_grows_under_the_likely_next_roots():
+    """Past the budget, the draft's forwards go where the verdict is likely to land: more of them
+    are carried into the next round than with plain best-first growth (weight 1)."""
+    prompts = [[(5 * i + j) % VOCAB for j in range(4 + i % 3)] for i in range(40)]
+    towards_verdicts = sum(_carried_after_overlap(0.3, p) for p in prompts)
+    best_first = sum(_carried_after_overlap(1.0, p) for p in prompts)
+    assert towards_verdicts > 1.2 * best_first, (towards_verdicts, best_first)
