@@ -16,8 +16,8 @@ node ranked B or worse. Per budget B the model is
                              replaced by their measured times at the sizes seen
     tokens/s          g(B) / (D(B) + T(B))
 
-Budgets larger than any tree seen (up to `EXPLORE` times the largest) get g extrapolated
-log-linearly from the last doubling seen, so a flat target curve climbs to large trees in a
+Budgets larger than the trees most rounds reached (`reached`; up to `EXPLORE` times that) get
+g extrapolated log-linearly from the last doubling, both ends measured on the same rounds, so a flat target curve climbs to large trees in a
 few decisions. Budget 0 is the target alone: g = 1, D = 0, T = the measured 1-token pass.
 The choice is re-made every `every` rounds from the last `window` rounds.
 
@@ -139,6 +139,15 @@ def acceptance(rounds: list[SeenRound], budget: int) -> float | None:
     return sum(seen) / len(seen) if seen else None
 
 
+def reached(rounds: list[SeenRound], share: float = 0.5) -> int:
+    """The largest tree size that at least `share` of the rounds (and two, where there are two)
+    reached: budgets up to it are judged from the rounds themselves, larger ones extrapolated.
+    (The last rounds' trees are cut to the tokens left, and one round is no estimate.)"""
+    sizes = sorted((r.size for r in rounds), reverse=True)
+    k = max(min(2, len(sizes)), math.ceil(share * len(sizes)))
+    return sizes[k - 1]
+
+
 def mean_depth(rounds: list[SeenRound], budget: int) -> float:
     rows = [r for r in rounds if r.size >= budget] or [max(rounds, key=lambda r: r.size)]
     return sum(depth_within(r.node_ranks, r.node_depths, budget) for r in rows) / len(rows)
@@ -246,7 +255,7 @@ class AutoBudget:
 
     def estimates(self) -> list[BudgetEstimate]:
         recent = self.rounds[-self.window:]
-        largest = max(r.size for r in recent)
+        largest = reached(recent)
         target = self.corrected_target_curve()
         d_scale = median([r.draft_s / self._draft_model_s(recent, r.size) for r in recent if r.timed], 1.0)
         out = [BudgetEstimate(0, 1.0, 0.0, self.plain_round_s())]
@@ -261,10 +270,10 @@ class AutoBudget:
 
     @staticmethod
     def _tokens_per_round(rounds: list[SeenRound], budget: int, largest: int) -> float:
-        seen = acceptance(rounds, budget)
-        if seen is not None:
-            return 1 + seen
-        top, half = acceptance(rounds, largest), acceptance(rounds, max(largest // 2, 1))
+        if budget <= largest:
+            return 1 + acceptance(rounds, budget)
+        wide = [r for r in rounds if r.size >= largest]  # both ends of the last doubling from the same rounds
+        top, half = acceptance(wide, largest), acceptance(wide, max(largest // 2, 1))
         per_doubling = max(top - half, 0.0)
         return 1 + top + per_doubling * math.log2(budget / largest)
 

@@ -79,20 +79,48 @@ def chain_round(size: int, accepted: int):
     return SimpleNamespace(tree=tree, nodes=list(range(1, size + 1)), ranks=list(range(size))), list(range(accepted))
 
 
-def feed(tuner, rounds, accept_rate=0.5, verify=lambda n: 1.0, draft=lambda n: 0.01, most=10**9):
+def bushy_round(size: int, _accepted=None):
+    """A sent tree whose accepted path holds the nodes ranked 0, 1, 3, 7, ... (one more per doubling
+    of the budget, as when the target's choices sit ever further down the draft's ranking); the
+    other nodes hang under the root."""
+    path = [2 ** k - 1 for k in range(size.bit_length()) if 2 ** k - 1 < size]
+    parents = [-1] * size
+    for above, node in zip(path, path[1:]):
+        parents[node] = above
+    tree = DraftTree.build(list(range(size)), parents)
+    return SimpleNamespace(tree=tree, nodes=list(range(1, size + 1)), ranks=list(range(size))), path
+
+
+def feed(tuner, rounds, accept_rate=0.5, verify=lambda n: 1.0, draft=lambda n: 0.01, most=10**9,
+         shape=chain_round):
     for _ in range(rounds):
         b = tuner.budget
         if b == 0:
             tuner.observe(None, [], RoundStats(0, 0, 1, 0, 0.0, verify(0), 0.0))
             continue
-        sent, acc = chain_round(b, min(int(b * accept_rate), most))
+        sent, acc = shape(b, min(int(b * accept_rate), most))
         tuner.observe(sent, acc, RoundStats(b, b, len(acc) + 1, 0, draft(b), verify(b), 0.0))
 
 
 def test_flat_target_climbs_past_every_budget_seen():
     tuner = AutoBudget({1: 1.0, 4096: 1.0}, {1: 0.001, 64: 0.002}, warmup_budget=8, every=2)
-    feed(tuner, 12)
+    feed(tuner, 12, shape=bushy_round)
     assert tuner.budget >= 128  # 8 -> 32 -> 128 -> ...: extrapolated acceptance, flat cost
+
+
+def test_extrapolation_rests_on_rounds_not_on_one_big_tree():
+    """One big tree that happened to accept a long path (and the last rounds' small trees) must
+    not make a budget the other rounds never reached look like a gain (the acceptance at a size
+    is only compared with the acceptance of the same rounds at half that size)."""
+    tuner = AutoBudget({1: 1.0, 4096: 1.0}, {1: 0.001, 64: 0.002}, warmup_budget=16, every=100)
+    big, _ = chain_round(250, 0)
+    tuner.observe(big, list(range(12)), RoundStats(250, 250, 13, 0, 0.01, 1.0, 0.0))
+    for _ in range(5):
+        sent, acc = chain_round(128, 4)
+        tuner.observe(sent, acc, RoundStats(128, 128, 5, 0, 0.01, 1.0, 0.0))
+    by_budget = {e.budget: e.tokens_per_round for e in tuner.estimates()}
+    assert by_budget[256] == pytest.approx(by_budget[128])  # chains: doubling showed no gain
+    assert by_budget[128] < 7
 
 
 def test_measured_verify_time_corrects_the_curve():
