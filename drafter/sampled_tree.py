@@ -93,8 +93,9 @@ class SampledTree:
         self._root_logits = self.draft.extend(tokens)
         self._clear()
 
-    def grow(self) -> None:
-        """Sample this round's chains, one draft forward per level below the root's children."""
+    def grow(self, deadline: float | None = None) -> None:
+        """Sample this round's chains, one draft forward per level below the root's children.
+        The shape is fixed before sampling (that keeps the multi-draft rule exact): no deadline."""
         if self.grown:
             return
         chains, depth = shape(self.config)

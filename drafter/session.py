@@ -16,7 +16,8 @@ from typing import Callable
 
 from specexec.drafter.budget_tuner import AutoBudget
 from specexec.drafter.search_api import DraftSearch
-from specexec.drafter.tree_config import DEFAULT_MAX_NEW_TOKENS, LAST_ROUND_NODES_PER_TOKEN, TreeConfig
+from specexec.drafter.tree_config import (AFTER_VERDICT_SHARE, DEFAULT_MAX_NEW_TOKENS, LAST_ROUND_NODES_PER_TOKEN,
+                                          TreeConfig)
 from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
 from specexec.protocol.messages import VerifyRequest
 from specexec.protocol.sampling import SamplingParams
@@ -185,6 +186,7 @@ class DraftSession:
         self.auto = auto_budget if search is not None else None
         self.max_context = max_context  # committed + tree tokens the target accepts (None: no limit)
         self.stop_ids = stop_ids  # the verifier's; tells a stop token at the length limit from the limit
+        self._verdict_at = 0.0  # when the last verdict arrived (perf_counter)
 
     def generate(self, prompt_ids: list[int], on_tokens: Callable[[list[int]], None] | None = None
                  ) -> GenerationResult:
@@ -235,7 +237,7 @@ class DraftSession:
         if budget:
             self.search.set_budget(budget)
             self.search.limit_depth(self.max_new_tokens - len(state.new) - 1)
-            self.search.grow()
+            self.search.grow(self._deadline(stats))
             sent = self.search.tree()
         tree = sent.tree if sent else DraftTree.empty()
         draft_s = time.perf_counter() - t
@@ -243,6 +245,7 @@ class DraftSession:
                                 self.max_new_tokens - len(state.new))
         verdict, in_flight_s, overlap_s = self._verify(request, state.committed)
         verify_s = verdict.verify_s if verdict.verify_s > 0 else in_flight_s - overlap_s
+        self._verdict_at = time.perf_counter()
         tokens = verdict.tokens(tree)
         stats.verifier_peak_rss_mb = max(stats.verifier_peak_rss_mb, float(verdict.extra.get("peak_rss_mb", 0.0)))
         stats.read_bytes += int(verdict.extra.get("read_bytes", 0))
@@ -269,6 +272,13 @@ class DraftSession:
         stats.verify_s += verify_s
         if self.auto:
             self.auto.observe(sent, verdict.accepted, stats.rounds[-1], timed=len(stats.rounds) > 1)
+
+    def _deadline(self, stats: GenerationStats) -> float | None:
+        """With overlap, the tree goes out `AFTER_VERDICT_SHARE` of a pass after the verdict came
+        (the first round, with nothing grown under a verifier yet, grows in full)."""
+        if not self.overlap or not stats.rounds:
+            return None
+        return self._verdict_at + AFTER_VERDICT_SHARE * stats.rounds[-1].verify_s
 
     def _plan(self, state: _Progress) -> int:
         """Nodes in this round's tree; 0: the target decodes alone (no draft, `--budget auto`'s

@@ -15,6 +15,10 @@ DEFAULT_BEAMS = 16  # draft forward width: near a 1-node forward's cost on a 2-c
 WASTE_DIVISOR = 4  # a forward expands at most budget / this many nodes (forwards cost ~flat in width: fewer forwards win)
 BATCH_MARGIN = 2.0  # nats: a forward's nodes score within this of its best one (a confident chain goes alone)
 LAST_ROUND_NODES_PER_TOKEN = 8  # the last rounds' budget cap, per token still wanted before the bonus
+# With overlap, drafting after a verdict stops at this share of the last pass's time, and the tree
+# sent is the best found by then: the rest was grown while the target verified (the carried tree).
+# A streaming verifier reads its first layers in that time anyway (docs/architecture.md).
+AFTER_VERDICT_SHARE = 0.1
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ trees (a chain is one branch).
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -164,8 +165,10 @@ class TreeSearch:
         self.behind = []
         self._discover([0], root_logits[None])
 
-    def grow(self) -> None:
-        """Add the n-gram nodes, then expand until the top-`budget` tree is certain."""
+    def grow(self, deadline: float | None = None) -> None:
+        """Add the n-gram nodes, then expand until the top-`budget` tree is certain, or until
+        `deadline` (a `time.perf_counter()` value): the tree is then the `budget` best nodes
+        discovered so far, still closed under ancestors, only less certain to be the best."""
         self.outlook = None
         if self.behind:
             self._catch_up()
@@ -174,6 +177,8 @@ class TreeSearch:
         self._rebuild()
         while batch := self._pop(self.batch_width, certify=True):
             self._expand(batch)
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
 
     @property
     def batch_width(self) -> int:

@@ -233,3 +233,18 @@ def test_overlap_grows_under_the_likely_next_roots():
     towards_verdicts = sum(_carried_after_overlap(0.3, p) for p in prompts)
     best_first = sum(_carried_after_overlap(1.0, p) for p in prompts)
     assert towards_verdicts > 1.2 * best_first, (towards_verdicts, best_first)
+
+
+def test_a_deadline_sends_the_best_nodes_found_so_far():
+    config = TreeConfig("specexec", 40, max_n_beams=4, branch_width=4, ngram=False)
+    search = TreeSearch(KnownDraft(VOCAB), config, SamplingParams())
+    search.start(PROMPT)
+    before = search.draft.forwards
+    search.grow(deadline=0.0)  # long past: one forward, then the tree goes out
+    assert search.draft.forwards - before == 1
+    sent = search.tree()
+    sent.tree.validate(VOCAB)
+    assert len(sent.tree) == min(40, len(search.token) - 1) == 20  # 4 root children, 4 x 4 below
+    discovered = sorted(range(1, len(search.token)), key=lambda n: (-search.score[n], n))[:40]
+    assert sorted(sent.nodes) == sorted(discovered)  # the best discovered, closed under ancestors
+    assert paths(sent.tree) != oracle_top(PROMPT, VOCAB, 40, 4, 32)  # not yet the certified tree
