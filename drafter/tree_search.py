@@ -38,6 +38,7 @@ trees (a chain is one branch).
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -232,16 +233,22 @@ class TreeSearch:
         for row, nid in enumerate(nodes):
             if self.depth[nid] >= self.config.max_depth:
                 continue
-            base = self.score[nid]
+            base = self.score[nid] + self.level_logp
             for v, t in zip(vals[row], ids[row]):
                 self._child(nid, t, base + v)
+
+    @property
+    def level_logp(self) -> float:
+        """Added to every node's score per level below its parent: log(depth_decay), 0 by default."""
+        return math.log(self.config.depth_decay)
 
     def _hang_ngram(self) -> None:
         """The prompt-lookup continuation as a chain under the root, merged where tokens coincide."""
         node = 0
         for token in self.lookup.propose(min(self.config.ngram_tokens, self.depth_cap)):
             nxt = self.child_of.get((node, token))
-            node = nxt if nxt is not None else self._add(node, token, self.score[node] + self.config.ngram_logp)
+            step = self.config.ngram_logp + self.level_logp
+            node = nxt if nxt is not None else self._add(node, token, self.score[node] + step)
 
     # -- the round's tree ----------------------------------------------------------------------
 
