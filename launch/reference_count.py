@@ -11,11 +11,14 @@ over prompts (`(df.new_tokens / df.iters).mean()`).
 Our runs stop at `max_new_tokens` in all (the first round included) and shrink the last
 rounds' trees to the tokens still wanted, so counting one of our 64-token runs the reference's
 way averages in a few crippled last rounds. To compare with a reference figure for N tokens, run
-ours with `max_new_tokens >= needed_tokens(N, max_depth)` and count with `count` here.
+ours with `max_new_tokens >= needed_tokens(N, max_depth)` and count with `count` here, or:
+    python -m specexec.launch.reference_count results/run.jsonl --n 64
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from dataclasses import dataclass
 from typing import Iterable
@@ -62,3 +65,39 @@ def mean_gen_rate(counts: Iterable[Count]) -> float | None:
     """The reference's figure: the plain mean of per-prompt rates (prompts with no counted round left out)."""
     rates = [c.gen_rate for c in counts if c.gen_rate is not None]
     return statistics.fmean(rates) if rates else None
+
+
+def count_records(lines: Iterable[str], n: int, eos_ids: Iterable[int]) -> list[tuple[str, Count]]:
+    """(prompt id, count) for each specexec record of a `specexec bench --out` JSONL."""
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("method") != "specexec":
+            continue
+        accepted = [r["accepted"] for r in rec["rounds"]]
+        out.append((f"{rec['prompt_set']}/{rec['prompt_id']} b={rec['budget']} t={rec['temperature']}",
+                    count(accepted, rec["token_ids"], n, eos_ids)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="gen_rate of a bench JSONL counted the SpecExec reference's way")
+    parser.add_argument("jsonl")
+    parser.add_argument("--n", type=int, default=64, help="the reference's max_new_tokens")
+    parser.add_argument("--eos", type=int, nargs="+", default=[151645], help="stop ids (the reference: tokenizer.eos_token_id)")
+    args = parser.parse_args(argv)
+    with open(args.jsonl) as fh:
+        rows = count_records(fh, args.n, args.eos)
+    for name, c in rows:
+        rate = "-" if c.gen_rate is None else f"{c.gen_rate:.2f}"
+        print(f"{name}: {c.tokens} tokens / {c.rounds} rounds = {rate}"
+              + ("" if c.complete else "  (run too short to count: rerun with --max-new-tokens "
+                 "needed_tokens(n, max_depth))"))
+    mean = mean_gen_rate(c for _, c in rows)
+    print("mean over prompts:", "-" if mean is None else f"{mean:.2f}")
+
+
+if __name__ == "__main__":
+    main()

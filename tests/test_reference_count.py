@@ -43,3 +43,17 @@ def test_needed_tokens_leaves_the_last_counted_round_its_full_depth():
     budget_tokens = needed_tokens(n, depth)
     last_start = (depth + 1) + (n - 1)  # new tokens before the last counted round, at most
     assert budget_tokens - last_start - 1 >= depth
+
+
+def test_records_of_a_bench_jsonl_are_counted_and_other_methods_skipped(tmp_path, capsys):
+    import json
+    from specexec.launch.reference_count import count_records, main
+    rec = {"method": "specexec", "prompt_set": "humaneval", "prompt_id": "HumanEval/0", "budget": 64,
+           "temperature": 0.0, "rounds": [{"accepted": a} for a in (30, 40, 30)], "token_ids": ids_for([30, 40, 30])}
+    ar = dict(rec, method="autoregressive", rounds=[{"accepted": 1}] * 100, token_ids=[1000] * 100)
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(ar) + "\n")
+    rows = count_records(path.read_text().splitlines(), 64, [EOS])
+    assert [c for _, c in rows] == [Count(70, 2, True)]
+    main([str(path), "--n", "64", "--eos", str(EOS)])
+    assert "mean over prompts: 35.00" in capsys.readouterr().out
