@@ -3,8 +3,8 @@
 One search object lives for a whole generation. Node 0 is the root (the last committed token);
 every other node has a parent, a token, a depth and a score, the draft's cumulative
 log-probability of its path (plus log(`depth_decay`) per level: 0 by default; the SpecExec
-reference uses a decay of 0.95, which trades depth for width). Expanding a node runs the draft on it (batched, tree-masked) and
-discovers its top `branch_width` children. A discovered node needs no draft forward to be sent:
+reference uses a decay of 0.95, which trades depth for width). Expanding a node runs the draft
+on it (batched, tree-masked) and discovers its top `branch_width` children. A discovered node needs no draft forward to be sent:
 the verifier only needs its token, so the tree's leaves are usually never expanded.
 
 Best-first (DESIGN.md, "Growing the tree"): the round's tree is the `budget` best discovered
