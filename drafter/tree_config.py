@@ -28,6 +28,7 @@ class TreeConfig:
     max_n_beams: int = DEFAULT_BEAMS  # nodes expanded per draft forward, at most
     branch_width: int = 16  # children discovered per expanded node
     max_depth: int = 32
+    depth_decay: float = 1.0  # each tree level multiplies a node's score by this (the reference's decay_factor)
     q_support: int = 64  # size of the truncated draft distribution for sampled children
     overlap_beams: int = 16  # nodes per draft forward past the budget (a verdict waits for one at most)
     overlap_extra: int = 512  # nodes expanded past the budget per round, at most
@@ -42,6 +43,8 @@ class TreeConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.method != "autoregressive" and self.budget < 1:
             raise ValueError(f"budget must be at least 1 for {self.method}, got {self.budget}")
+        if not 0.0 < self.depth_decay <= 1.0:
+            raise ValueError(f"depth_decay must be in (0, 1], got {self.depth_decay}")
         for name in ("max_n_beams", "branch_width", "max_depth", "q_support", "overlap_beams", "ngram_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -2,8 +2,9 @@
 
 One search object lives for a whole generation. Node 0 is the root (the last committed token);
 every other node has a parent, a token, a depth and a score, the draft's cumulative
-log-probability of its path. Expanding a node runs the draft on it (batched, tree-masked) and
-discovers its top `branch_width` children. A discovered node needs no draft forward to be sent:
+log-probability of its path (plus log(`depth_decay`) per level: 0 by default; the SpecExec
+reference uses a decay of 0.95, which trades depth for width). Expanding a node runs the draft
+on it (batched, tree-masked) and discovers its top `branch_width` children. A discovered node needs no draft forward to be sent:
 the verifier only needs its token, so the tree's leaves are usually never expanded.
 
 Best-first (DESIGN.md, "Growing the tree"): the round's tree is the `budget` best discovered
@@ -45,6 +46,7 @@ trees (a chain is one branch).
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -281,16 +283,22 @@ class TreeSearch:
         for row, nid in enumerate(nodes):
             if self.depth[nid] >= self.config.max_depth:
                 continue
-            base = self.score[nid]
+            base = self.score[nid] + self.level_logp
             for v, t in zip(vals[row], ids[row]):
                 self._child(nid, t, base + v)
+
+    @property
+    def level_logp(self) -> float:
+        """Added to every node's score per level below its parent: log(depth_decay), 0 by default."""
+        return math.log(self.config.depth_decay)
 
     def _hang_ngram(self) -> None:
         """The prompt-lookup continuation as a chain under the root, merged where tokens coincide."""
         node = 0
         for token in self.lookup.propose(min(self.config.ngram_tokens, self.depth_cap)):
             nxt = self.child_of.get((node, token))
-            node = nxt if nxt is not None else self._add(node, token, self.score[node] + self.config.ngram_logp)
+            step = self.config.ngram_logp + self.level_logp
+            node = nxt if nxt is not None else self._add(node, token, self.score[node] + step)
 
     # -- the round's tree ----------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 
 import torch
 
@@ -62,8 +63,9 @@ class KnownDraft:
 
 
 def oracle_top(context: list[int], vocab: int, budget: int, width: int, max_depth: int,
-               temperature: float = 1.0) -> set[tuple[int, ...]]:
-    """Exact top-`budget` token paths by cumulative draft log-probability (sequential Dijkstra)."""
+               temperature: float = 1.0, decay: float = 1.0) -> set[tuple[int, ...]]:
+    """Exact top-`budget` token paths by cumulative draft log-probability, plus log(decay) per
+    level (sequential Dijkstra)."""
     heap, out, counter = [], [], 0
 
     def push_children(path, score):
@@ -74,7 +76,7 @@ def oracle_top(context: list[int], vocab: int, budget: int, width: int, max_dept
         vals, ids = torch.topk(logp, width)
         for v, t in zip(vals.tolist(), ids.tolist()):
             counter += 1
-            heapq.heappush(heap, (-(score + v), counter, path + (t,)))
+            heapq.heappush(heap, (-(score + math.log(decay) + v), counter, path + (t,)))
 
     push_children((), 0.0)
     while heap and len(out) < budget:

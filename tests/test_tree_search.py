@@ -35,6 +35,16 @@ def test_specexec_tree_is_exact_top_budget(budget, beams, width, depth):
     assert paths(tree) == oracle_top(PROMPT, VOCAB, budget, width, depth)
 
 
+@pytest.mark.parametrize("budget", [5, 16, 40])
+def test_depth_decay_gives_the_top_budget_by_decayed_score(budget):
+    config = TreeConfig("specexec", budget, max_n_beams=8, branch_width=6, depth_decay=0.5)
+    _, sent = grown(config)
+    expected = oracle_top(PROMPT, VOCAB, budget, 6, 32, decay=0.5)
+    assert paths(sent.tree) == expected
+    assert expected != oracle_top(PROMPT, VOCAB, budget, 6, 32), "fixture: decay must change the tree"
+    assert max(len(p) for p in expected) < max(len(p) for p in oracle_top(PROMPT, VOCAB, budget, 6, 32))
+
+
 def test_draft_temperature_follows_the_sampling_temperature():
     params = SamplingParams(temperature=0.5)
     config = TreeConfig("specexec", 30, max_n_beams=8, branch_width=5)
@@ -103,6 +113,8 @@ def test_chain_is_one_path_of_budget_tokens():
     (dict(budget=0), "budget"),
     (dict(max_n_beams=0), "max_n_beams"),
     (dict(branch_width=0), "branch_width"),
+    (dict(depth_decay=0.0), "depth_decay"),
+    (dict(depth_decay=1.5), "depth_decay"),
 ])
 def test_bad_config_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
