@@ -38,7 +38,8 @@ class VerifierUnreachable(LinkError):
 
 
 class HandshakeRefused(LinkError):
-    """The verifier refused our CURVE handshake: its key is not the one we hold, or ours is not authorized."""
+    """The verifier refused our CURVE handshake: its key is not the one we hold, or ours is not authorized
+    (or it closed the connection: it may hold its maximum of connections)."""
 
 
 HANDSHAKE_FAILURES = {
@@ -49,6 +50,7 @@ HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the verifier dropped the CURVE handshake: the server.key here is not "
                                           "this verifier's (copy DIR/server.key from the verifier's box)",
 }
+CAP_FULL = ", or the verifier holds its maximum of connections (serve --max-connections): try again later"
 HANDSHAKE_RETRIES = 3  # unexplained handshake failures in a row before we give up (the others: at once)
 
 
@@ -193,9 +195,10 @@ class RemoteVerifier:
 
     def _handshake_failure(self, event: int) -> str:
         """What a refused handshake means; without CURVE here, any refusal means the verifier has it on."""
+        dropped = CAP_FULL if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else ""  # a closed connection
         if not self.curve:
-            return HANDSHAKE_FAILURES[zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL]
-        return HANDSHAKE_FAILURES[event]
+            return HANDSHAKE_FAILURES[zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL] + dropped
+        return HANDSHAKE_FAILURES[event] + dropped
 
     def _on_monitor_event(self, event: dict) -> None:
         if event["event"] in HANDSHAKE_FAILURES:
