@@ -30,7 +30,7 @@ from specexec.protocol.codec import Limits, ProtocolError
 from specexec.protocol.framing import Signer, read_frames, to_frames
 from specexec.protocol.link import LinkError, UnknownSession
 from specexec.protocol.messages import Close, ErrorReply, Hello, Verdict, VerifyRequest, Welcome
-from specexec.protocol.security import curve_client, heartbeat
+from specexec.protocol.security import HANDSHAKE_MS, curve_client, heartbeat
 
 
 class VerifierUnreachable(LinkError):
@@ -38,7 +38,8 @@ class VerifierUnreachable(LinkError):
 
 
 class HandshakeRefused(LinkError):
-    """The verifier refused our CURVE handshake: its key is not the one we hold, or ours is not authorized."""
+    """The verifier refused our CURVE handshake: its key is not the one we hold, or ours is not authorized
+    (or it closed the connection: it may hold its maximum of connections)."""
 
 
 HANDSHAKE_FAILURES = {
@@ -49,7 +50,12 @@ HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the verifier dropped the CURVE handshake: the server.key here is not "
                                           "this verifier's (copy DIR/server.key from the verifier's box)",
 }
+CAP_FULL = ", or the verifier holds its maximum of connections (serve --max-connections): try again later"
 HANDSHAKE_RETRIES = 3  # unexplained handshake failures in a row before we give up (the others: at once)
+# ... and for at least this long: a verifier at its connection cap frees the slots idle peers hold
+# within its handshake timeout, so a drafter turned away by a full cap gets in before then
+DROPPED_GRACE_S = HANDSHAKE_MS / 1000 + 1.0
+STALE_EPOCH_RESENDS = 3
 
 
 class VerifierRejected(LinkError):
@@ -94,7 +100,7 @@ class RemoteVerifier:
         self._awaiting = None  # the message whose reply we wait for: re-sent after a reconnect
         self._connected, self._ever_connected = False, False
         self._down_since = time.monotonic()
-        self._handshake_failures = 0
+        self._handshake_failures, self._dropped_since = 0, None
         self.welcome: Welcome | None = None
 
     # -- session ------------------------------------------------------------------------------
@@ -108,7 +114,9 @@ class RemoteVerifier:
         wanted = (lambda m: (isinstance(m, Welcome) and m.session == self.hello.session)
                   or (isinstance(m, ErrorReply) and m.round == -1 and m.session in ("", self.hello.session)))
         reply = self._wait(wanted)
-        if isinstance(reply, ErrorReply) and reply.code == "stale_epoch":  # now signed with the epoch just learned
+        for _ in range(STALE_EPOCH_RESENDS):  # now signed with the epoch just learned; a Hello re-sent after a
+            if not (isinstance(reply, ErrorReply) and reply.code == "stale_epoch"):  # dropped connection is
+                break  # answered twice: another stale_epoch, then a Welcome
             self._send(self.hello)
             reply = self._wait(wanted)
         if isinstance(reply, ErrorReply):
@@ -189,19 +197,23 @@ class RemoteVerifier:
                     return msg
             if not self._connected and time.monotonic() - self._down_since > self.timeout_s:
                 raise VerifierUnreachable(f"no connection to the verifier at {self.address} for "
-                                          f"{self.timeout_s:.0f} s")
+                                          f"{self.timeout_s:.0f} s (not running, not reachable, or holding its "
+                                          "maximum of connections: serve --max-connections)")
 
     def _handshake_failure(self, event: int) -> str:
         """What a refused handshake means; without CURVE here, any refusal means the verifier has it on."""
+        dropped = CAP_FULL if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else ""  # a closed connection
         if not self.curve:
-            return HANDSHAKE_FAILURES[zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL]
-        return HANDSHAKE_FAILURES[event]
+            return HANDSHAKE_FAILURES[zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL] + dropped
+        return HANDSHAKE_FAILURES[event] + dropped
 
     def _on_monitor_event(self, event: dict) -> None:
         if event["event"] in HANDSHAKE_FAILURES:
             self._handshake_failures += 1
-            if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL \
-                    or self._handshake_failures >= HANDSHAKE_RETRIES:
+            now = time.monotonic()
+            self._dropped_since = self._dropped_since or now
+            if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or (
+                    self._handshake_failures >= HANDSHAKE_RETRIES and now - self._dropped_since >= DROPPED_GRACE_S):
                 raise HandshakeRefused(f"{self.address}: {self._handshake_failure(event['event'])}")
         elif event["event"] == zmq.EVENT_DISCONNECTED:
             if self._connected:
@@ -209,7 +221,7 @@ class RemoteVerifier:
         elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             reconnect = self._ever_connected and not self._connected
             self._connected = self._ever_connected = True
-            self._handshake_failures = 0
+            self._handshake_failures, self._dropped_since = 0, None
             if reconnect:
                 self.stats.reconnects += 1
                 if self._awaiting is not None:

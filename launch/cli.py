@@ -22,6 +22,7 @@ from specexec.drafter.tree_config import DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS,
 from specexec.launch import model_store
 from specexec.launch.options import DEFAULT_BIND, LinkOptions, ModelOptions, PlacementOptions
 from specexec.protocol.sampling import SamplingParams
+from specexec.verifier.connection_cap import MAX_CONNECTIONS
 
 DTYPE_CHOICE = click.Choice(["auto", "bfloat16", "float32"])
 
@@ -398,6 +399,8 @@ def _read_key(key_file):
               help="KV cache budget over all sessions; least recently used sessions are evicted.")
 @click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds after which an idle session's cache is freed.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=MAX_CONNECTIONS, show_default=True,
+              help="Connections held at once; one arriving while the cap is full is closed at once.")
 @click.option("--budget", type=click.Choice(["auto"]), default=None,
               help="auto: profile the forward cost at start-up so drafters can use --budget auto.")
 @click.option("--simulate-bus-gbps", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -19,6 +19,7 @@ from specexec.launch.options import DEFAULT_BIND, READY_LINE, PlacementOptions
 from specexec.launch.profile_cache import cached_curve, format_curve, profile_key
 from specexec.protocol.codec import Limits
 from specexec.protocol.fingerprint import tokenizer_fingerprint
+from specexec.verifier.connection_cap import MAX_CONNECTIONS
 from specexec.verifier.disk_streamer import StreamStats, attach, streamer_of
 from specexec.verifier.layer_streamer import LayerStreamer
 from specexec.verifier.placement import Placement, report as placement_report
@@ -41,6 +42,7 @@ class ServeOptions:
     max_sessions: int = 16
     max_cached_tokens: int = 1 << 18
     idle_timeout_s: float = 600.0
+    max_connections: int = MAX_CONNECTIONS
     max_tree_nodes: int = 4096
     exit_with_parent: bool = False
     profile: bool = False  # measure the forward-cost curve at start-up (for drafters' --budget auto)
@@ -112,7 +114,7 @@ def build_service(options: ServeOptions) -> VerifierService:
     config = ServerConfig(bind=options.bind, key=options.key, curve_dir=options.curve_dir,
                           limits=Limits(max_tree_nodes=options.max_tree_nodes),
                           max_sessions=options.max_sessions, max_cached_tokens=options.max_cached_tokens,
-                          idle_timeout_s=options.idle_timeout_s,
+                          idle_timeout_s=options.idle_timeout_s, max_connections=options.max_connections,
                           max_context=min(target.max_context, 2**40))
     service = VerifierService(target, tokenizer_fingerprint(tokenizer), stop_ids(tokenizer, model), config,
                               model_name=str(getattr(model.config, "name_or_path", options.target_path)),

@@ -17,6 +17,7 @@ from specexec.protocol.codec import Limits
 from specexec.protocol.framing import Signer, read_frames, to_frames
 from specexec.protocol.messages import ErrorReply, Hello
 from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.security import curve_client
 from specexec.verifier.server import ServerConfig, VerifierServer, VerifierService
 from specexec.verifier.target_model import TargetModel
 
@@ -52,11 +53,14 @@ class ServedVerifier:
 class RawClient:
     """A DEALER that sends whatever frames a test wants and decodes the replies."""
 
-    def __init__(self, address, key=KEY):
+    def __init__(self, address, key=KEY, curve_dir=None, routing_id=None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTING_ID, b"R" + os.urandom(15))  # as a drafter: the same owner after reconnects
+        self.routing_id = routing_id or b"R" + os.urandom(15)  # as a drafter: the same owner after reconnects
+        self.sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        if curve_dir is not None:
+            curve_client(self.sock, curve_dir)
         self.sock.connect(address)
         self.signer = Signer(key)
 

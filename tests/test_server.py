@@ -197,6 +197,69 @@ def test_a_session_is_touched_only_by_its_owner(model):
     record("access", other_connection_received=sorted({f"{r.code}: {r.message}" for r in tries}))
 
 
+def curve_keys_for_two_clients(tmp_path):
+    """A verifier key directory authorizing two client keys; returns (verifier/owner dir, other client dir)."""
+    import shutil
+    from specexec.protocol.security import generate_keys
+    mine, other = generate_keys(tmp_path / "mine"), generate_keys(tmp_path / "other")
+    shutil.copy(other / "client.key", mine / "authorized" / "other.key")
+    shutil.copy(mine / "server.key", other / "server.key")  # the other client trusts this verifier
+    return mine, other
+
+
+def intrude(client, first, second):
+    """Everything a key holder could try on the session "mine"; returns the replies."""
+    return [client.ask(verify("mine", round_=1, append=[first.bonus], tokens=(), parents=())),  # cached verdict
+            client.ask(verify("mine", round_=0)),  # stale: would tell the last round
+            client.ask(verify("mine", round_=2, append=[second.bonus])),  # a new round on the owner's cache
+            client.ask(Close("mine")),
+            client.ask(hello("mine"))]  # re-open: would reset the owner's cache
+
+
+def test_with_curve_a_session_belongs_to_the_clients_curve_key_too(model, tmp_path):
+    """CURVE on, two authorized client keys: the other key cannot touch the session, from its own connection
+    nor with the owner's routing identity forged (after the owner dropped its connection)."""
+    mine, other = curve_keys_for_two_clients(tmp_path)
+    with ServedVerifier(model, curve_dir=str(mine)) as served:
+        owner = RawClient(served.address, curve_dir=mine)
+        assert isinstance(owner.ask(hello("mine")), Welcome)
+        first = owner.ask(verify("mine"))
+        second = owner.ask(verify("mine", round_=1, append=[first.bonus], tokens=(), parents=()))
+        assert isinstance(second, Verdict) and second.round == 1
+        hosted = served.service.sessions["mine"]
+        assert hosted.owner.user and hosted.owner.identity == owner.routing_id  # bound to the key and the identity
+        cached = hosted.session.processed
+
+        intruder = RawClient(served.address, curve_dir=other)
+        assert isinstance(intruder.ask(hello("theirs")), Welcome)  # an authorized key with a session of its own
+        assert served.service.sessions["theirs"].owner.user != hosted.owner.user
+        tries = intrude(intruder, first, second)
+        intruder.close()
+
+        owner.close()  # the owner's connection drops (a reconnect): its routing identity is free to claim
+        time.sleep(0.5)
+        forger = RawClient(served.address, curve_dir=other, routing_id=owner.routing_id)
+        assert isinstance(forger.ask(hello("forger")), Welcome)
+        assert served.service.sessions["forger"].owner.identity == owner.routing_id  # the forgery took hold
+        forged = intrude(forger, first, second)
+        forger.close()
+
+        for r in tries + forged:
+            assert isinstance(r, ErrorReply) and r.code == "not_owner", r
+            assert "last verified" not in r.message
+        assert "belongs to another connection; nothing was done" in forged[0].message
+        assert served.service.sessions["mine"] is hosted
+        assert (hosted.session.processed, hosted.last_round) == (cached, 1)
+
+        back = RawClient(served.address, curve_dir=mine, routing_id=owner.routing_id)  # the owner reconnects
+        assert isinstance(back.ask(hello("mine")), Welcome)  # a repeated Hello from the owner changes nothing
+        third = back.ask(verify("mine", round_=2, append=[second.bonus]))
+        assert isinstance(third, Verdict) and third.round == 2
+        back.close()
+    from figures import record
+    record("access", other_curve_key_received=sorted({f"{r.code}: {r.message}" for r in tries + forged}))
+
+
 def test_idle_sessions_that_never_generated_are_evicted_first(model):
     clock = [0.0]
     with ServedVerifier(model, max_sessions=2, idle_timeout_s=600, unused_grace_s=5) as served:

@@ -29,8 +29,9 @@ from specexec.protocol.codec import Limits, ProtocolError
 from specexec.protocol.framing import Signer, new_epoch, read_frames, to_frames
 from specexec.protocol.kv_prune import cache_length
 from specexec.protocol.messages import Close, ErrorReply, Hello, Message, Verdict, VerifyRequest, Welcome
-from specexec.protocol.security import curve_server, heartbeat
+from specexec.protocol.security import HANDSHAKE_MS, curve_server, heartbeat
 from specexec.protocol.tree import TreeError
+from specexec.verifier.connection_cap import MAX_CONNECTIONS, ConnectionCap
 from specexec.verifier.session import PREFILL_CHUNK, SessionConfig, TargetSession
 from specexec.verifier.target_model import TargetModel
 
@@ -49,8 +50,9 @@ class ServerConfig:
     unused_grace_s: float = 5.0  # under pressure, a session that never verified a round goes first after this
     max_context: int = 32768
     prefill_chunk: int = PREFILL_CHUNK
-    handshake_ms: int = 5000  # a connection that has not completed its ZMTP/CURVE handshake by then is closed
+    handshake_ms: int = HANDSHAKE_MS  # a connection that has not completed its ZMTP/CURVE handshake by then is closed
     inbound_queue: int = 4  # messages queued per connection before libzmq stops reading it (a drafter has 1-2)
+    max_connections: int = MAX_CONNECTIONS  # a connection arriving while this many are open is closed at once
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,7 @@ class VerifierServer:
         self.sock.setsockopt(zmq.HANDSHAKE_IVL, self.config.handshake_ms)
         heartbeat(self.sock)
         self.auth = curve_server(self.ctx, self.sock, self.config.curve_dir) if self.config.curve_dir else None
+        self.cap = ConnectionCap(self.ctx, self.sock, self.config.max_connections)
         self.sock.bind(self.config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._running = False
@@ -357,4 +360,5 @@ class VerifierServer:
     def close(self) -> None:
         if self.auth:
             self.auth.stop()
+        self.cap.close()
         self.sock.close(0)
