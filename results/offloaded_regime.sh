@@ -14,9 +14,10 @@ OFFLOAD=${OFFLOAD:-disk}
 if [ "$OFFLOAD" = accelerate ]; then OFF=${OFF:-/work/offload-accelerate}; mkdir -p "$OFF"; else OFF=${OFF:-/work/offload-target}; fi
 PORT=${PORT:-5601}
 VTHREADS=${VTHREADS:-2}
-[ "$OFFLOAD" = accelerate ] || [ -f "$OFF/manifest.json" ] || .venv/bin/specexec profile --max-memory cpu=1GiB --offload-folder "$OFF" --sizes 1 --prefix 8
+DTYPE=${DTYPE:-auto}  # the target's dtype (float32: the greedy-identity check; then OFF must be a folder of its own)
+[ "$OFFLOAD" = accelerate ] || [ -f "$OFF/manifest.json" ] || .venv/bin/specexec profile --max-memory cpu=1GiB --offload-folder "$OFF" --dtype "$DTYPE" --sizes 1 --prefix 8
 ../shared/tools/capped --mem 1800M --read-bps 500000000 --path "$OFF" --path "$M" --uncache "$M" --uncache "$OFF" -- \
-  .venv/bin/specexec serve --max-memory cpu=1GiB --offload-folder "$OFF" --offload "$OFFLOAD" --bind "tcp://127.0.0.1:$PORT" \
+  .venv/bin/specexec serve --max-memory cpu=1GiB --offload-folder "$OFF" --offload "$OFFLOAD" --dtype "$DTYPE" --bind "tcp://127.0.0.1:$PORT" \
   --threads "$VTHREADS" ${SERVE_EXTRA:-} > "$out.serve.log" 2>&1 &
 serve=$!
 trap 'pkill -TERM -f "specexec serve .*127.0.0.1:$PORT"; wait $serve 2>/dev/null' EXIT  # (capped's background child ignores SIGINT)
