@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from specexec.drafter.kv_buffer import BufferCache
+from specexec.protocol.cache_keyword import cache_keyword
 from specexec.protocol.tree import ROOT, additive_mask
 
 
@@ -18,6 +19,7 @@ class DraftModel:
     def __init__(self, model: torch.nn.Module, weights: str | None = None):
         self.model = model.eval()
         self.decoder = getattr(model, model.base_model_prefix)
+        self.cache_keyword = cache_keyword(self.decoder)
         self.head = model.get_output_embeddings()
         self.dtype = next(model.parameters()).dtype  # of the activations (and the attention mask)
         self.weights = weights or str(self.dtype).removeprefix("torch.")  # e.g. int8 (drafter.quantize)
@@ -45,7 +47,7 @@ class DraftModel:
             out = self.decoder(input_ids=torch.tensor([ids], device=device),
                                position_ids=positions[None].to(device),
                                attention_mask=None if mask is None else mask.to(device),
-                               past_key_values=self.cache, use_cache=True)
+                               use_cache=True, **{self.cache_keyword: self.cache})
             hidden = out.last_hidden_state[0]
             self.forwards += 1
             return hidden
