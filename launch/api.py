@@ -219,7 +219,7 @@ class LLM:
 
     def generate(self, prompt, **settings) -> Completion:
         """One answer. `prompt`: text, or chat messages [{"role", "content"}]. Settings: max_new_tokens,
-        temperature, top_p, top_k, min_p, seed, stop (str or list), chat (None: the template when there is one),
+        temperature, top_p, top_k, min_p, repetition_penalty, seed, stop (str or list), chat (None: the template when there is one),
         system, method, budget, context."""
         done = None
         for item in self._events(self.request(prompt, **settings)):
@@ -238,7 +238,7 @@ class LLM:
                 system: str | None = None, method: str | None = None, budget: int | None = None,
                 context: str | None = None, **sampling) -> Request:
         """Encode and check one request (ValueError names what is wrong); nothing runs yet.
-        `sampling` takes SamplingParams' other fields: top_k, min_p."""
+        `sampling` takes SamplingParams' other fields: top_k, min_p, repetition_penalty."""
         options = self.run_options(max_new_tokens, method, budget,
                                    temperature=temperature, top_p=top_p, seed=seed, **sampling)
         return Request(self.encode(prompt, chat, system), options, _stops(stop), context)

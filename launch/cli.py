@@ -130,6 +130,10 @@ sampling_options = option_group(
                  help="Keep the k most probable tokens (0: all); applied by the verifier, lossless."),
     click.option("--min-p", type=click.FloatRange(min=0.0, max=1.0), default=SamplingParams.min_p, show_default=True,
                  help="Drop tokens below min-p times the most probable one's probability (0: none)."),
+    click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True),
+                 default=SamplingParams.repetition_penalty, show_default=True,
+                 help="Divide the logits of tokens already in the context by this (multiply if negative), as "
+                      "transformers does; applied to the target's and the draft's alike, so still lossless."),
 )
 
 system_option = click.option("--system", default=None, metavar="TEXT",
