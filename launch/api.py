@@ -233,6 +233,25 @@ class LLM:
                 if isinstance(item, str):
                     yield item
 
+    def run(self, request: Request, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Run a built `request`, handing text pieces to `on_text` as rounds are accepted. Ctrl-C
+        (KeyboardInterrupt) cancels it after the round in flight and returns what was accepted,
+        finish_reason "interrupted" (`specexec generate` comes here)."""
+        events: queue.Queue = queue.Queue()
+        job = self.submit(request, events.put)
+        while True:
+            try:
+                item = events.get()
+            except KeyboardInterrupt:
+                job.cancel.set()
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Completion):
+                return item
+            if on_text is not None:
+                on_text(item)
+
     def request(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                 top_p: float | None = None, seed: int | None = None, stop=None, chat: bool | None = None,
                 system: str | None = None, method: str | None = None, budget: int | None = None,
