@@ -319,7 +319,7 @@ class LLM:
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         auto = self.tree.auto and budget is None and tree.method != "autoregressive"
-        return RunOptions(tree, params, overlap=self.overlap, budget_auto=auto, **kwargs)
+        return RunOptions(tree, params, overlap=self.overlap, budget_auto=auto, first_token_alone=True, **kwargs)
 
     # the worker's side
 
