@@ -193,5 +193,9 @@ def test_cli_repetition_penalty_flag(tiny_pair, llm):
     paths, _ = tiny_pair
     cli = cli_json(paths, "--max-new-tokens", "12", "--raw", "--repetition-penalty", "1.3")
     assert cli["token_ids"] == llm.generate(PROMPT, max_new_tokens=12, chat=False, repetition_penalty=1.3).token_ids
+    two_process = CliRunner().invoke(main, ["generate", PROMPT, "--target", paths["target"], "--draft", paths["draft"],
+                                            "--json", "--dtype", "float32", "--budget", "8", "--max-new-tokens", "12",
+                                            "--raw", "--repetition-penalty", "1.3"], catch_exceptions=False)
+    assert json.loads(two_process.stdout)["token_ids"] == cli["token_ids"]  # the penalty crossed the wire
     res = CliRunner().invoke(main, ["generate", PROMPT, "--repetition-penalty", "0"])
     assert res.exit_code == 2 and "repetition-penalty" in res.output

@@ -1,6 +1,7 @@
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -171,6 +172,8 @@ def test_full_queue_is_429(served):
     gate = threading.Event()
     blocked = []
     llm.submit(llm.request("w1", max_new_tokens=1), lambda item: (blocked.append(item), gate.wait(10)))
+    while not blocked:  # the worker holds the first job (else it would count as waiting: a race under load)
+        time.sleep(0.01)
     fillers = [llm.submit(llm.request("w1", max_new_tokens=1), lambda item: None) for _ in range(8)]
     try:
         res = client.post("/v1/chat/completions", json=CHAT)
