@@ -44,6 +44,7 @@ def make_search(draft: DraftModel, config: TreeConfig, params: SamplingParams) -
     """The search for `config.method` (not "autoregressive", which drafts nothing)."""
     if config.method == "autoregressive":
         raise ValueError("autoregressive decoding has no draft search")
+    draft.repetition_penalty = params.repetition_penalty  # the draft proposes what the penalized target emits
     if config.method == "specinfer" or (config.method == "chain" and not params.greedy):
         return SampledTree(draft, config, params)
     return TreeSearch(draft, config, params)

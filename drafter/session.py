@@ -40,6 +40,7 @@ class RunOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     overlap: bool = False
     budget_auto: bool = False
+    first_token_alone: bool = False  # round 0 sends no tree: the prompt's first token streams after one prefill
 
 
 @dataclass
@@ -175,7 +176,7 @@ class DraftSession:
     def __init__(self, link: VerifierLink, config: TreeConfig, search: DraftSearch | None,
                  max_new_tokens: int, overlap: bool = False, session_id: str | None = None,
                  auto_budget: AutoBudget | None = None, max_context: int | None = None,
-                 stop_ids: frozenset[int] = frozenset()):
+                 stop_ids: frozenset[int] = frozenset(), first_token_alone: bool = False):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if search is None and config.method != "autoregressive":
@@ -187,6 +188,7 @@ class DraftSession:
         self.max_context = max_context  # committed + tree tokens the target accepts (None: no limit)
         self.stop_ids = stop_ids  # the verifier's; tells a stop token at the length limit from the limit
         self._verdict_at = 0.0  # when the last verdict arrived (perf_counter)
+        self.first_token_alone = first_token_alone
 
     def generate(self, prompt_ids: list[int], on_tokens: Callable[[list[int]], None] | None = None
                  ) -> GenerationResult:
@@ -275,15 +277,15 @@ class DraftSession:
 
     def _deadline(self, stats: GenerationStats) -> float | None:
         """With overlap, the tree goes out `AFTER_VERDICT_SHARE` of a pass after the verdict came
-        (the first round, with nothing grown under a verifier yet, grows in full)."""
-        if not self.overlap or not stats.rounds:
+        (a round after one without a tree, with nothing grown under the verifier, grows in full)."""
+        if not self.overlap or not stats.rounds or not stats.rounds[-1].tree_size:
             return None
         return self._verdict_at + AFTER_VERDICT_SHARE * stats.rounds[-1].verify_s
 
     def _plan(self, state: _Progress) -> int:
         """Nodes in this round's tree; 0: the target decodes alone (no draft, `--budget auto`'s
         guard, or one token left). The last rounds get trees sized to the tokens still wanted."""
-        if not self.search:
+        if not self.search or (self.first_token_alone and not state.new):
             return 0
         budget = self.auto.budget if self.auto else self.config.budget
         left = self.max_new_tokens - len(state.new) - 1  # tree tokens that can precede the bonus

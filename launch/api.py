@@ -219,7 +219,7 @@ class LLM:
 
     def generate(self, prompt, **settings) -> Completion:
         """One answer. `prompt`: text, or chat messages [{"role", "content"}]. Settings: max_new_tokens,
-        temperature, top_p, top_k, min_p, seed, stop (str or list), chat (None: the template when there is one),
+        temperature, top_p, top_k, min_p, repetition_penalty, seed, stop (str or list), chat (None: the template when there is one),
         system, method, budget, context."""
         done = None
         for item in self._events(self.request(prompt, **settings)):
@@ -233,12 +233,31 @@ class LLM:
                 if isinstance(item, str):
                     yield item
 
+    def run(self, request: Request, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Run a built `request`, handing text pieces to `on_text` as rounds are accepted. Ctrl-C
+        (KeyboardInterrupt) cancels it after the round in flight and returns what was accepted,
+        finish_reason "interrupted" (`specexec generate` comes here)."""
+        events: queue.Queue = queue.Queue()
+        job = self.submit(request, events.put)
+        while True:
+            try:
+                item = events.get()
+            except KeyboardInterrupt:
+                job.cancel.set()
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Completion):
+                return item
+            if on_text is not None:
+                on_text(item)
+
     def request(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                 top_p: float | None = None, seed: int | None = None, stop=None, chat: bool | None = None,
                 system: str | None = None, method: str | None = None, budget: int | None = None,
                 context: str | None = None, **sampling) -> Request:
         """Encode and check one request (ValueError names what is wrong); nothing runs yet.
-        `sampling` takes SamplingParams' other fields: top_k, min_p."""
+        `sampling` takes SamplingParams' other fields: top_k, min_p, repetition_penalty."""
         options = self.run_options(max_new_tokens, method, budget,
                                    temperature=temperature, top_p=top_p, seed=seed, **sampling)
         return Request(self.encode(prompt, chat, system), options, _stops(stop), context)
@@ -300,7 +319,7 @@ class LLM:
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         auto = self.tree.auto and budget is None and tree.method != "autoregressive"
-        return RunOptions(tree, params, overlap=self.overlap, budget_auto=auto, **kwargs)
+        return RunOptions(tree, params, overlap=self.overlap, budget_auto=auto, first_token_alone=True, **kwargs)
 
     # the worker's side
 

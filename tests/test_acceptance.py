@@ -70,3 +70,42 @@ def test_the_check_has_power():
         x = sampled_children(q, 1, rng)[0]
         counts[x if p[x] >= q[x] else int(rng.choice(V, p=p))] += 1
     assert not matches(counts, dict(enumerate(p)), n)[0]
+
+
+def test_repetition_penalty_sees_the_committed_tokens_and_the_path():
+    """Root: token 2 leads 3.0 to 2.9, but 2 was committed; at node 0 (token 3) token 3 leads 2.0 to
+    1.8, but 3 is on the path. Penalized, the walk takes 3 then 5; plain, it emits 2."""
+    tree = DraftTree.build([3], [-1])
+    table = {ROOT: torch.tensor([0, 0, 3.0, 2.9, 0, 0]), 0: torch.tensor([0, 0, 0, 2.0, 0, 1.8])}
+    seen = torch.zeros(V, dtype=torch.bool)
+    seen[2] = True
+    res = walk(tree, table.__getitem__, SamplingParams(repetition_penalty=1.3), "specexec", 0, 9, frozenset(), seen)
+    assert (res.accepted, res.bonus) == ([0], 5) and seen.sum() == 1  # the caller's mask is left alone
+    res = walk(tree, table.__getitem__, SamplingParams(), "specexec", 0, 9, frozenset(), seen)
+    assert (res.accepted, res.bonus) == ([], 2)
+    with pytest.raises(ValueError, match="committed tokens"):
+        walk(tree, table.__getitem__, SamplingParams(repetition_penalty=1.3), "specexec", 0, 9, frozenset())
+
+
+@pytest.mark.parametrize("rule", ["specexec", "specinfer"])
+def test_one_step_output_follows_the_penalized_target(rule):
+    from specexec.protocol.sampling import penalize
+    params = SamplingParams(0.8, repetition_penalty=1.5)
+    table = logits_table(5)
+    seen = torch.tensor([True, False, False, True, False, True])
+    p = target_distribution(penalize(table[ROOT], seen, 1.5), params).numpy()
+    q = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(9)), 0).double().numpy()
+    rng = np.random.default_rng(1)
+    counts, n = Counter(), 6000
+    for seed in range(n):
+        kids = sampled_children(q, 3, rng)
+        q_ids = np.tile(np.arange(V, dtype=np.int32), (4, 1))
+        q_probs = np.tile(q.astype(np.float32), (4, 1))
+        tree = DraftTree.build(kids, [-1, -1, -1], q_ids, q_probs)
+        res = walk(tree, table.__getitem__, SamplingParams(0.8, seed=seed, repetition_penalty=1.5), rule, 0, 1,
+                   frozenset(), seen)
+        counts[res.bonus] += 1
+    ok, stat, crit = matches(counts, dict(enumerate(p)), n)
+    assert ok, f"chi2 {stat:.1f} >= {crit:.1f}"
+    plain = target_distribution(table[ROOT], params).numpy()
+    assert not matches(counts, dict(enumerate(plain)), n)[0]  # the penalty changed the distribution

@@ -29,7 +29,8 @@ def trees(draw, with_q=None):
     return DraftTree.build(tokens, parents, q_ids.reshape(n + 1, k), q_probs.reshape(n + 1, k))
 
 
-sampling = st.builds(SamplingParams, st.floats(0, 5), st.floats(0.01, 1), st.integers(0, 2**63 - 1))
+sampling = st.builds(SamplingParams, st.floats(0, 5), st.floats(0.01, 1), st.integers(0, 2**63 - 1),
+                     st.integers(0, 1000), st.floats(0, 1), st.floats(0.01, 10))
 messages = st.one_of(
     st.builds(VerifyRequest, session, st.integers(0, 2**40), st.lists(ids, min_size=1, max_size=50), trees(),
               st.integers(1, 2**31)),
@@ -106,6 +107,29 @@ def tampered(**changes):
     (tampered(session="x" * 500), "bad_message", "verify.session: longer than 128"),
 ])
 def test_malformed_payloads_are_named(payload, code, message):
+    with pytest.raises(ProtocolError, match=message) as err:
+        decode(payload)
+    assert err.value.code == code
+
+
+def hello_with(**changes):
+    body = msgpack.unpackb(encode(Hello("s", "f", SamplingParams(), "specexec")), raw=False)
+    body.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del body[k]
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def test_hello_repetition_penalty_defaults_to_off_and_must_be_positive():
+    assert decode(hello_with(repetition_penalty=None)).sampling.repetition_penalty == 1.0
+    assert decode(hello_with(repetition_penalty=1.3)).sampling.repetition_penalty == 1.3
+
+
+@pytest.mark.parametrize("payload, code, message", [
+    (hello_with(repetition_penalty=0.0), "bad_message", "repetition_penalty must be a finite number > 0"),
+    (hello_with(repetition_penalty=-1.5), "bad_message", "repetition_penalty must be a finite number > 0"),
+])
+def test_bad_hello_sampling_is_named(payload, code, message):
     with pytest.raises(ProtocolError, match=message) as err:
         decode(payload)
     assert err.value.code == code

@@ -79,3 +79,26 @@ def test_cache_after_rounds_of_keep_equals_a_fresh_prefill(arch):
     for mine, ref in zip(draft.cache.layers, fresh.cache.layers):
         assert mine.keys.shape == ref.keys.shape
         assert (mine.keys - ref.keys).abs().max() < 1e-4 and (mine.values - ref.values).abs().max() < 1e-4
+
+
+def test_repetition_penalty_uses_each_nodes_own_context():
+    from specexec.protocol.sampling import penalize, seen_mask
+    model = tiny_lm("llama")
+    draft = DraftModel(model)
+    draft.repetition_penalty = 1.4
+    vocab = draft.vocab_size
+
+    def want(ids):
+        return penalize(plain_logits(model, ids), seen_mask(ids, vocab), 1.4)
+
+    root = draft.extend(PROMPT)
+    assert torch.allclose(root, want(PROMPT), atol=1e-4)
+    first = draft.expand([10, 11], [ROOT, ROOT])
+    second = draft.expand([20], [1])
+    assert torch.allclose(first[0], want(PROMPT + [10]), atol=1e-4)
+    assert torch.allclose(second[0], want(PROMPT + [11, 20]), atol=1e-4)
+    draft.keep([1], [2])  # commit 11, keep its child 20
+    assert draft.history == PROMPT + [11] and draft.slot_tokens == [20]
+    third = draft.expand([21], [0])
+    assert torch.allclose(third[0], want(PROMPT + [11, 20, 21]), atol=1e-4)
+    assert not torch.allclose(third[0], plain_logits(model, PROMPT + [11, 20, 21]), atol=1e-4)

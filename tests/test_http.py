@@ -1,6 +1,7 @@
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -106,6 +107,9 @@ def test_three_concurrent_chats_each_equal_its_solo_answer(served):
     ({"messages": "w1"}, "messages"),
     ({"messages": [{"role": "user", "content": "w1"}], "method": "beam"}, None),
     ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "w1"}], "repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "w1"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "w1"}], "presence_penalty": -1}, "presence_penalty"),
 ])
 def test_bad_input_is_an_openai_400(served, body, param):
     client, _, _ = served
@@ -124,6 +128,16 @@ def test_not_json_and_too_long_prompt_are_400(served):
     long_prompt = " ".join(["w5"] * 600)  # the tiny target has 512 positions
     res = client.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
     assert res.status_code == 400 and "context" in res.json()["error"]["message"]
+
+
+def test_repetition_penalty_reaches_the_model(served):
+    client, llm, _ = served
+    body = {"prompt": "w10 w11 w12", "max_tokens": 16, "repetition_penalty": 1.3}
+    res = client.post("/v1/completions", json=body)
+    assert res.status_code == 200, res.text
+    want = llm.generate("w10 w11 w12", max_new_tokens=16, chat=False, repetition_penalty=1.3)
+    assert res.json()["choices"][0]["text"] == want.text
+    assert want.text != llm.generate("w10 w11 w12", max_new_tokens=16, chat=False).text
 
 
 def test_extra_fields_are_accepted(served):
@@ -158,6 +172,8 @@ def test_full_queue_is_429(served):
     gate = threading.Event()
     blocked = []
     llm.submit(llm.request("w1", max_new_tokens=1), lambda item: (blocked.append(item), gate.wait(10)))
+    while not blocked:  # the worker holds the first job (else it would count as waiting: a race under load)
+        time.sleep(0.01)
     fillers = [llm.submit(llm.request("w1", max_new_tokens=1), lambda item: None) for _ in range(8)]
     try:
         res = client.post("/v1/chat/completions", json=CHAT)

@@ -141,3 +141,22 @@ def test_non_finite_probabilities_are_refused_where_they_are_made(bad):
     logits = torch.tensor([0.1, bad, 0.3])
     with pytest.raises(ValueError, match="not finite"):
         target_distribution(logits, SamplingParams(temperature=0.7))
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+    from specexec.protocol.sampling import penalize, seen_mask
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, generator=gen) * 3
+    context = [4, 4, 9, 17, 30, 49, 0]
+    for penalty in (1.3, 0.7):
+        want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([context]), logits[None].clone())[0]
+        got = penalize(logits, seen_mask(context, 50), penalty)
+        assert torch.allclose(got, want) and not torch.allclose(got, logits)
+    assert penalize(logits, None, 1.0) is logits
+
+
+@pytest.mark.parametrize("bad", [0, -1.2, float("inf"), float("nan"), "1.3"])
+def test_bad_repetition_penalty_is_named(bad):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=bad)

@@ -257,3 +257,19 @@ def test_rounds_report_what_drafting_cost(pair):
     assert summary["carried_nodes_mean"] == round(sum(r.carried for r in rounds) / len(rounds), 2)
     assert all(r.verify_s > 0 and r.wait_s >= 0 and r.round_s >= r.verify_s for r in rounds)
     assert summary["tokens_by_mode"]["tree"] >= N_NEW - 1  # the last token needs no tree
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_first_token_alone_sends_no_tree_in_round_zero(pair, overlap):
+    """The first token comes from the prompt's prefill alone (the API's time to first token); the
+    rounds after it draft trees as usual, and the output is still the target's own."""
+    target, draft, model = pair
+    config = TreeConfig(method="specexec", budget=16)
+    link = InProcessVerifier(TargetSession(target, SessionConfig(SamplingParams(), config.rule)))
+    session = DraftSession(link, config, make_search(draft, config, SamplingParams()), N_NEW, overlap=overlap,
+                           first_token_alone=True)
+    out = session.generate(list(PROMPTS[0]))
+    assert out.token_ids == greedy_reference(model, PROMPTS[0], N_NEW)
+    rounds = out.stats.rounds
+    assert rounds[0].tree_size == 0 and rounds[0].accepted == 1
+    assert all(r.tree_size > 0 for r in rounds[1:-1]) and out.stats.gen_rate > 1.5

@@ -6,6 +6,10 @@ target whatever the tree. SpecInfer rule: try v's children in the order they wer
 the draft q without replacement; accept child x with probability min(1, p(x)/q(x)), otherwise
 p <- norm(max(p - q, 0)) and q loses x; if every child is rejected, draw the bonus from p.
 At temperature 0 both rules reduce to following the target's argmax.
+
+A repetition penalty is applied to the target's logits at each node with that node's context: the
+committed tokens (`seen`) plus the tokens on the path down to it, which is what plain decoding
+would have seen at that position, so the walk stays lossless with it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from specexec.protocol.sampling import SamplingParams, emit, sample, target_distribution, uniform
+from specexec.protocol.sampling import SamplingParams, emit, penalize, sample, target_distribution, uniform
 from specexec.protocol.tree import ROOT, DraftTree
 
 RULES = ("specexec", "specinfer")
@@ -29,18 +33,26 @@ class WalkResult:
 
 
 def walk(tree: DraftTree, logits_at: Callable[[int], torch.Tensor], params: SamplingParams,
-         rule: str, position: int, quota: int, stop_ids: frozenset[int]) -> WalkResult:
-    """Walk from the root emitting at most `quota` tokens; the first lands at `position`."""
+         rule: str, position: int, quota: int, stop_ids: frozenset[int],
+         seen: torch.Tensor | None = None) -> WalkResult:
+    """Walk from the root emitting at most `quota` tokens; the first lands at `position`.
+    `seen`: bool [V] mask of the committed tokens, needed when params.repetition_penalty != 1."""
     if quota < 1:
         raise ValueError("quota must be at least 1")
+    if params.repetition_penalty != 1.0 and seen is None:
+        raise ValueError("a repetition penalty needs the committed tokens (seen)")
     choose = _specinfer_step if rule == "specinfer" and not params.greedy else _specexec_step
+    seen = None if params.repetition_penalty == 1.0 else seen.clone()
     node, accepted = ROOT, []
     while True:
-        x, child = choose(tree, node, logits_at(node), params, position + len(accepted))
+        logits = penalize(logits_at(node), seen, params.repetition_penalty)
+        x, child = choose(tree, node, logits, params, position + len(accepted))
         last = x in stop_ids or len(accepted) + 1 >= quota
         if child is None or last:
             return WalkResult(accepted, x, last)
         accepted.append(child)
+        if seen is not None:
+            seen[x] = True
         node = child
 
 

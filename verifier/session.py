@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from specexec.protocol.messages import Verdict, VerifyRequest
 from specexec.protocol.kv_prune import cache_length
-from specexec.protocol.sampling import SamplingParams
+from specexec.protocol.sampling import SamplingParams, seen_mask
 from specexec.protocol.tree import DraftTree, TreeError
 from specexec.verifier.acceptance import RULES, walk
 from specexec.verifier.disk_streamer import StreamStats
@@ -61,6 +61,7 @@ class TargetSession:
         self.target = target
         self.config = config
         self.cache = target.new_cache()
+        self.history: list[int] = []  # the committed tokens in the cache (a repetition penalty's context)
         self.rounds = 0
         self.work: _Work | None = None
 
@@ -102,6 +103,7 @@ class TargetSession:
         try:
             if len(append) - work.fed > chunk:
                 self.target.forward(self.cache, append[work.fed:work.fed + chunk], DraftTree.empty())
+                self.history.extend(append[work.fed:work.fed + chunk])
                 work.fed += chunk
                 result = None
             else:
@@ -109,6 +111,7 @@ class TargetSession:
             work.count_reads(self.target.last_stream)
         except BaseException:
             self.target.truncate(self.cache, work.base)
+            del self.history[work.base:]
             self.work = None
             raise
         work.memory.step_end()
@@ -123,9 +126,12 @@ class TargetSession:
     def _walk(self, request: VerifyRequest, rest: list[int]):
         position = self.processed + len(rest)
         outputs = self.target.forward(self.cache, rest, request.tree)
-        result = walk(request.tree, outputs.logits, self.config.params, self.config.rule,
-                      position, request.max_emit, self.config.stop_ids)
+        params = self.config.params
+        seen = None if params.repetition_penalty == 1.0 else seen_mask(self.history + rest, self.target.vocab_size)
+        result = walk(request.tree, outputs.logits, params, self.config.rule,
+                      position, request.max_emit, self.config.stop_ids, seen)
         self.target.commit(self.cache, len(request.tree), result.accepted)
+        self.history.extend(rest + [int(request.tree.tokens[a]) for a in result.accepted])
         return result
 
     def verify(self, request: VerifyRequest) -> Verdict:

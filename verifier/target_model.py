@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from specexec.protocol.kv_prune import cache_length, gather_cache, keep_prefix_and
+from specexec.protocol.cache_keyword import cache_keyword
 from specexec.protocol.tree import ROOT, DraftTree, verify_mask, verify_positions
 from specexec.verifier.disk_streamer import StreamStats, streamer_of
 
@@ -66,6 +67,7 @@ class TargetModel:
         self.simulated_s = 0.0
         self._sleep = sleep
         self.decoder = getattr(model, model.base_model_prefix)
+        self.cache_keyword = cache_keyword(self.decoder)
         self.head = model.get_output_embeddings()
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.config.vocab_size)
@@ -96,7 +98,7 @@ class TargetModel:
         positions = verify_positions(past, len(append), tree.depths()).to(device)
         with torch.inference_mode():
             out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **{self.cache_keyword: cache})
         self.forwards += 1
         if self.streamer:  # reads since the previous forward: this pass's layers, prefetched ones included
             now = self.streamer.snapshot()
