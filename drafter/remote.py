@@ -101,6 +101,7 @@ class RemoteVerifier:
         self._connected, self._ever_connected = False, False
         self._down_since = time.monotonic()
         self._handshake_failures, self._dropped_since = 0, None
+        self._refused: int | None = None  # the last handshake failure's event, until a handshake succeeds
         self.welcome: Welcome | None = None
 
     # -- session ------------------------------------------------------------------------------
@@ -196,6 +197,8 @@ class RemoteVerifier:
                 if wanted(msg):
                     return msg
             if not self._connected and time.monotonic() - self._down_since > self.timeout_s:
+                if self._refused is not None:  # the deadline came before the grace for dropped handshakes
+                    raise HandshakeRefused(f"{self.address}: {self._handshake_failure(self._refused)}")
                 raise VerifierUnreachable(f"no connection to the verifier at {self.address} for "
                                           f"{self.timeout_s:.0f} s (not running, not reachable, or holding its "
                                           "maximum of connections: serve --max-connections)")
@@ -209,7 +212,7 @@ class RemoteVerifier:
 
     def _on_monitor_event(self, event: dict) -> None:
         if event["event"] in HANDSHAKE_FAILURES:
-            self._handshake_failures += 1
+            self._handshake_failures, self._refused = self._handshake_failures + 1, event["event"]
             now = time.monotonic()
             self._dropped_since = self._dropped_since or now
             if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or (
@@ -221,7 +224,7 @@ class RemoteVerifier:
         elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             reconnect = self._ever_connected and not self._connected
             self._connected = self._ever_connected = True
-            self._handshake_failures, self._dropped_since = 0, None
+            self._handshake_failures, self._dropped_since, self._refused = 0, None, None
             if reconnect:
                 self.stats.reconnects += 1
                 if self._awaiting is not None:
