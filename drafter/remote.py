@@ -100,6 +100,7 @@ class RemoteVerifier:
         self._awaiting = None  # the message whose reply we wait for: re-sent after a reconnect
         self._connected, self._ever_connected = False, False
         self._down_since = time.monotonic()
+        self._heard = False  # a message came in since the last disconnect
         self._handshake_failures, self._dropped_since = 0, None
         self._refused: int | None = None  # the last handshake failure's event, until a handshake succeeds
         self.welcome: Welcome | None = None
@@ -191,6 +192,7 @@ class RemoteVerifier:
                     msg, stamp = read_frames(self.signer, frames, self.limits)
                 except ProtocolError as err:
                     raise VerifierRejected(err.code, f"unreadable reply: {err}") from None
+                self._heard = True
                 if stamp.epoch:
                     self.signer.epoch = stamp.epoch
                 self.stats.codec_s += time.perf_counter() - t
@@ -219,8 +221,10 @@ class RemoteVerifier:
                     self._handshake_failures >= HANDSHAKE_RETRIES and now - self._dropped_since >= DROPPED_GRACE_S):
                 raise HandshakeRefused(f"{self.address}: {self._handshake_failure(event['event'])}")
         elif event["event"] == zmq.EVENT_DISCONNECTED:
-            if self._connected:
-                self._connected, self._down_since = False, time.monotonic()
+            if self._connected:  # unreachable counts from the last connection that answered: a verifier
+                self._connected = False  # that drops every connection at once (at its cap) is not reached
+                if self._heard:
+                    self._down_since, self._heard = time.monotonic(), False
         elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             reconnect = self._ever_connected and not self._connected
             self._connected = self._ever_connected = True

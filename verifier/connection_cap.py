@@ -50,14 +50,27 @@ class ConnectionCap:
         self._events = ctx.socket(zmq.PAIR)
         self._events.setsockopt(zmq.RCVHWM, 0)  # libzmq drops monitor events past the queue's HWM: no HWM
         self._events.connect(address)
+        self._lock = threading.Lock()  # the monitor socket is read by the cap's thread and by `admits`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="connection-cap", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if self._events.poll(100):
+        while not self._stop.wait(0.02):
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        with self._lock:
+            if self._events.poll(0):
                 self._apply(self._drain())
+
+    def admits(self, fd: int) -> bool:
+        """Whether a message that came in on descriptor `fd` may be served: its connection is one
+        the cap counts as open. The events not yet read are read first: without CURVE a connection
+        over the cap can complete its handshake and send before the thread shuts it down."""
+        self._catch_up()
+        with self._lock:
+            return fd in self._open
 
     def _drain(self) -> list[dict]:
         events = [recv_monitor_message(self._events)]

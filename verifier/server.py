@@ -315,6 +315,11 @@ class VerifierServer:
 
     def serve_one(self) -> None:
         frames = self.sock.recv_multipart(copy=False)
+        if not self._admitted(frames[-1]):  # a connection over the cap, being shut down: told so, not served
+            self._send(frames[0].bytes, self.service.error(
+                "over_capacity", f"the verifier holds its maximum of connections ({self.config.max_connections}, "
+                "serve --max-connections): try again later", quiet=True))
+            return
         peer = Peer(frames[0].bytes, self._user(frames[-1]))
         rest = [f.bytes for f in frames[1:]]
         t = time.perf_counter()
@@ -335,6 +340,13 @@ class VerifierServer:
                                                getattr(msg, "session", ""))
         if reply is not None:
             self._send(peer.identity, reply)
+
+    def _admitted(self, frame: zmq.Frame) -> bool:
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError):  # a transport without descriptors
+            return True
+        return fd < 0 or self.cap.admits(fd)
 
     def _user(self, frame: zmq.Frame) -> str:
         if self.auth is None:
