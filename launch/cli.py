@@ -22,7 +22,7 @@ from specexec.drafter.tree_config import DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS,
 from specexec.launch import model_store
 from specexec.launch.options import DEFAULT_BIND, LinkOptions, ModelOptions, PlacementOptions
 from specexec.protocol.sampling import SamplingParams
-from specexec.verifier.connection_cap import MAX_CONNECTIONS
+from specexec.protocol.security import MAX_CONNECTIONS
 
 DTYPE_CHOICE = click.Choice(["auto", "bfloat16", "float32"])
 

@@ -25,6 +25,7 @@ import zmq.auth
 
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+MAX_CONNECTIONS = 256  # the default of `serve --max-connections` (verifier/connection_cap.py enforces it)
 HANDSHAKE_MS = 5000  # a verifier closes a connection that has not completed its ZMTP/CURVE handshake by then
 SECRET_FILES = ("server.key_secret", "client.key_secret", "hmac.key")
 PUBLIC_FILES = ("server.key", "client.key", "authorized/client.key")

@@ -23,9 +23,10 @@ import uuid
 from dataclasses import dataclass
 
 import zmq
+
+from specexec.protocol.security import MAX_CONNECTIONS  # noqa: F401 (re-exported: the cap's default)
 from zmq.utils.monitor import recv_monitor_message
 
-MAX_CONNECTIONS = 256  # the default of `serve --max-connections` and ServerConfig.max_connections
 
 log = logging.getLogger("specexec.verifier")
 
