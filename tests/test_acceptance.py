@@ -38,6 +38,19 @@ def sampled_children(q, k, rng):
     return rng.choice(len(q), size=k, replace=False, p=q).tolist()
 
 
+def first_tokens(table, q, rng, rule, params_for_seed, seen=None, n=6000) -> Counter:
+    """The first emitted token over `n` seeded walks of a root with 3 children sampled from q."""
+    counts = Counter()
+    for seed in range(n):
+        kids = sampled_children(q, 3, rng)
+        q_ids = np.tile(np.arange(V, dtype=np.int32), (4, 1))
+        q_probs = np.tile(q.astype(np.float32), (4, 1))
+        tree = DraftTree.build(kids, [-1, -1, -1], q_ids, q_probs)
+        extra = () if seen is None else (seen,)
+        counts[walk(tree, table.__getitem__, params_for_seed(seed), rule, 0, 1, frozenset(), *extra).bonus] += 1
+    return counts
+
+
 @pytest.mark.parametrize("rule", ["specexec", "specinfer"])
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 0.9)])
 def test_one_step_output_follows_the_target(rule, temperature, top_p):
@@ -46,15 +59,8 @@ def test_one_step_output_follows_the_target(rule, temperature, top_p):
     table = logits_table(7)
     p = target_distribution(table[ROOT], params).numpy()
     q = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(9)), 0).double().numpy()
-    rng = np.random.default_rng(0)
-    counts, n = Counter(), 6000
-    for seed in range(n):
-        kids = sampled_children(q, 3, rng)
-        q_ids = np.tile(np.arange(V, dtype=np.int32), (4, 1))
-        q_probs = np.tile(q.astype(np.float32), (4, 1))
-        tree = DraftTree.build(kids, [-1, -1, -1], q_ids, q_probs)
-        res = walk(tree, table.__getitem__, SamplingParams(temperature, top_p, seed), rule, 0, 1, frozenset())
-        counts[res.bonus] += 1
+    counts, n = first_tokens(table, q, np.random.default_rng(0), rule,
+                             lambda seed: SamplingParams(temperature, top_p, seed)), 6000
     ok, stat, crit = matches(counts, dict(enumerate(p)), n)
     assert ok, f"chi2 {stat:.1f} >= {crit:.1f}"
 
@@ -95,16 +101,8 @@ def test_one_step_output_follows_the_penalized_target(rule):
     seen = torch.tensor([True, False, False, True, False, True])
     p = target_distribution(penalize(table[ROOT], seen, 1.5), params).numpy()
     q = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(9)), 0).double().numpy()
-    rng = np.random.default_rng(1)
-    counts, n = Counter(), 6000
-    for seed in range(n):
-        kids = sampled_children(q, 3, rng)
-        q_ids = np.tile(np.arange(V, dtype=np.int32), (4, 1))
-        q_probs = np.tile(q.astype(np.float32), (4, 1))
-        tree = DraftTree.build(kids, [-1, -1, -1], q_ids, q_probs)
-        res = walk(tree, table.__getitem__, SamplingParams(0.8, seed=seed, repetition_penalty=1.5), rule, 0, 1,
-                   frozenset(), seen)
-        counts[res.bonus] += 1
+    counts, n = first_tokens(table, q, np.random.default_rng(1), rule,
+                             lambda seed: SamplingParams(0.8, seed=seed, repetition_penalty=1.5), seen), 6000
     ok, stat, crit = matches(counts, dict(enumerate(p)), n)
     assert ok, f"chi2 {stat:.1f} >= {crit:.1f}"
     plain = target_distribution(table[ROOT], params).numpy()
