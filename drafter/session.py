@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from specexec.drafter.budget_tuner import AutoBudget
 from specexec.drafter.search_api import DraftSearch
 from specexec.drafter.tree_config import (AFTER_VERDICT_SHARE, DEFAULT_MAX_NEW_TOKENS, LAST_ROUND_NODES_PER_TOKEN,
-                                          TreeConfig)
+                                          OFFLOADED_BUDGET, TreeConfig)
 from specexec.protocol.link import LinkError, UnknownSession, VerifierLink
 from specexec.protocol.messages import VerifyRequest
 from specexec.protocol.sampling import SamplingParams
@@ -41,6 +41,13 @@ class RunOptions:
     overlap: bool = False
     budget_auto: bool = False
     first_token_alone: bool = False  # round 0 sends no tree: the prompt's first token streams after one prefill
+    budget_default: bool = False  # the budget was not chosen: OFFLOADED_BUDGET where the target streams its weights
+
+    def placed(self, offloaded: bool) -> "RunOptions":
+        """These options for a verifier whose target streams its weights (`offloaded`) or not."""
+        if not (self.budget_default and offloaded) or self.tree.method == "autoregressive":
+            return self
+        return replace(self, tree=replace(self.tree, budget=OFFLOADED_BUDGET), budget_default=False)
 
 
 @dataclass

@@ -319,7 +319,9 @@ class LLM:
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         auto = self.tree.auto and budget is None and tree.method != "autoregressive"
-        return RunOptions(tree, params, overlap=self.overlap, budget_auto=auto, first_token_alone=True, **kwargs)
+        default = self.tree.default and budget is None
+        return RunOptions(tree, params, overlap=self.overlap, budget_auto=auto, first_token_alone=True,
+                          budget_default=default, **kwargs)
 
     # the worker's side
 
@@ -404,11 +406,11 @@ def _pick(cls, options: dict, **given):
 
 def load(target: str | None = None, draft: str | None = None, *, max_queued: int = 0,
          simulate_bus_gbps: float | None = None, **options) -> LLM:
-    """Load the pair once. Options: the CLI's, by their Python names -- method, budget (int or
-    "auto"), max_n_beams, branch_width, max_depth, dtype, draft_dtype, connect, in_process, overlap,
+    """Load the pair once. Options: the CLI's, by their Python names -- method, budget (int, "auto" or
+    "default"), max_n_beams, branch_width, max_depth, dtype, draft_dtype, connect, in_process, overlap,
     key_file, curve_dir, timeout_s, threads, device, max_memory, offload_folder, offload.
     Raises ValueError for bad options, `drafting.PipelineError` when the pipeline cannot start."""
-    tree_kwargs = {k: options.pop(k, getattr(TreeConfig, k)) for k in TREE_FIELDS}
+    tree_kwargs = {k: options.pop(k, "default" if k == "budget" else getattr(TreeConfig, k)) for k in TREE_FIELDS}
     models = _pick(ModelOptions, options, draft=draft, target=target)
     link = _pick(LinkOptions, options)
     placement = _pick(PlacementOptions, options)

@@ -25,7 +25,7 @@ BASELINE = "autoregressive"
 @dataclass(frozen=True)
 class BenchSpec:
     methods: tuple[str, ...] = ("specexec", BASELINE)
-    budgets: tuple = (16, 32, 64)  # ints and/or "auto"
+    budgets: tuple = (16, 32, 64)  # ints and/or "auto", "default"
     temperatures: tuple[float, ...] = (0.0,)
     top_p: float = 0.9
     max_new_tokens: int = 64
@@ -34,13 +34,14 @@ class BenchSpec:
     max_depth: int | None = None  # a chain is at most this long: longer chain budgets repeat it
 
     def configs(self) -> list[tuple[str, int | str]]:
-        """(method, budget) pairs; methods without a tree run once with budget 0; budget may be 'auto'."""
+        """(method, budget) pairs; methods without a tree run once with budget 0; budget may be 'auto' or
+        'default'."""
         out = []
         for method in self.methods:
             if method in (BASELINE, "hf-assisted"):
                 out.append((method, 0))
             elif method == "chain" and self.max_depth:
-                budgets = [b if b == "auto" else min(b, self.max_depth) for b in self.budgets]
+                budgets = [b if isinstance(b, str) else min(b, self.max_depth) for b in self.budgets]
                 out.extend((method, b) for b in dict.fromkeys(budgets))
             else:
                 out.extend((method, b) for b in self.budgets)
@@ -143,7 +144,7 @@ def summarize(records: Iterable[Record]) -> list[dict]:
             "GB/pass": _mean_or_none(x.get("read_gb_per_pass") or None for x in s),  # disk-streamed targets
             "GB/s": _mean_or_none(x.get("read_gbps") or None for x in s),
             "verifier MB": max((x.get("verifier_peak_rss_mb") or 0.0 for x in s), default=0.0) or None,
-            "picked": sorted({x["budget"] for x in s}) if budget == "auto" else None,
+            "picked": sorted({x["budget"] for x in s}) if budget in ("auto", "default") else None,
         })
     base = {(r["set"], r["temp"]): r for r in rows if r["method"] == BASELINE}
     for r in rows:
@@ -182,8 +183,8 @@ def _mean_or_none(values):
 def format_table(rows: list[dict]) -> str:
     def cell(v):
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    def budget_cell(r):  # `--budget auto` shows what it picked
-        return f"auto({','.join(map(str, r['picked']))})" if r.get("picked") else cell(r["budget"])
+    def budget_cell(r):  # `auto` and `default` show what they picked
+        return f"{r['budget']}({','.join(map(str, r['picked']))})" if r.get("picked") else cell(r["budget"])
     table = [list(COLUMNS)] + [[budget_cell(r) if c == "budget" else cell(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     lines = [" | ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table]
@@ -200,8 +201,9 @@ def make_runner(pipe, spec: BenchSpec, tree: TreeConfig, overlap: bool, hf_targe
         if method == "hf-assisted":
             return hf_assisted.generate(hf_target, pipe.draft.model, prompt_ids, spec.max_new_tokens, sampling,
                                         pipe.stop_ids)
-        auto = budget == "auto"
-        shape = replace(tree, method=method, budget=0 if method == BASELINE else DEFAULT_BUDGET if auto else budget)
-        options = RunOptions(shape, sampling, spec.max_new_tokens, overlap, auto)
+        chosen = budget in ("auto", "default")
+        shape = replace(tree, method=method, budget=0 if method == BASELINE else DEFAULT_BUDGET if chosen else budget)
+        options = RunOptions(shape, sampling, spec.max_new_tokens, overlap, budget == "auto",
+                             budget_default=budget == "default")
         return pipe.generate(prompt_ids, options, context=context)
     return run

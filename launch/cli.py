@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import click
 
-from specexec.drafter.tree_config import DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS, METHODS, TreeConfig
+from specexec.drafter.tree_config import DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS, METHODS, OFFLOADED_BUDGET, TreeConfig
 from specexec.launch import model_store
 from specexec.launch.options import DEFAULT_BIND, LinkOptions, ModelOptions, PlacementOptions
 from specexec.protocol.sampling import SamplingParams
@@ -32,17 +32,18 @@ def _fail(message: str):
 
 
 class BudgetType(click.ParamType):
-    """A positive tree budget, or `auto` (the tuner picks it after a warm-up)."""
+    """A positive tree budget, `auto` (the tuner picks it after a warm-up), or `default` (16, or
+    OFFLOADED_BUDGET where the verifier's target streams its weights)."""
 
-    name = "N|auto"
+    name = "N|auto|default"
 
     def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, int) and value >= 1:
+        if value in ("auto", "default") or isinstance(value, int) and value >= 1:
             return value
         try:
             number = int(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+            self.fail(f"{value!r} is neither a positive integer nor 'auto' or 'default'", param, ctx)
         if number < 1:
             self.fail(f"{number} is not a positive budget", param, ctx)
         return number
@@ -53,23 +54,25 @@ BUDGET = BudgetType()
 
 @dataclass(frozen=True)
 class TreeChoice:
-    """The tree options as given: a TreeConfig, and whether `--budget auto` picks its budget."""
+    """The tree options as given: a TreeConfig, and whether `--budget auto` picks its budget or the
+    default one (`default`: the verifier's placement decides, RunOptions.placed)."""
 
     config: TreeConfig
     auto: bool = False
+    default: bool = False
 
     @classmethod
     def build(cls, method, budget, max_n_beams, branch_width, max_depth, ngram=TreeConfig.ngram) -> "TreeChoice":
-        auto = budget == "auto"
-        size = 0 if method == "autoregressive" else DEFAULT_BUDGET if auto else budget
+        auto, default = budget == "auto", budget == "default"
+        size = 0 if method == "autoregressive" else DEFAULT_BUDGET if auto or default else budget
         try:
-            return cls(TreeConfig(method, size, max_n_beams, branch_width, max_depth, ngram=ngram), auto)
+            return cls(TreeConfig(method, size, max_n_beams, branch_width, max_depth, ngram=ngram), auto, default)
         except ValueError as err:
             raise click.BadParameter(str(err))
 
     def run_options(self, sampling: SamplingParams, max_new_tokens: int, overlap: bool):
         from specexec.drafter.session import RunOptions
-        return RunOptions(self.config, sampling, max_new_tokens, overlap, self.auto)
+        return RunOptions(self.config, sampling, max_new_tokens, overlap, self.auto, budget_default=self.default)
 
 
 def option_group(name: str, build, *options):
@@ -108,8 +111,10 @@ model_options = option_group(
 tree_options = option_group(
     "tree", TreeChoice.build,
     click.option("--method", type=click.Choice(METHODS), default="specexec", show_default=True),
-    click.option("--budget", type=BUDGET, default=DEFAULT_BUDGET, show_default=True,
-                 help="Draft tree size (nodes sent per round), or auto: measure and pick the fastest."),
+    click.option("--budget", type=BUDGET, default="default", show_default=True,
+                 help=f"Draft tree size (nodes sent per round); auto: measure and pick the fastest; default: "
+                      f"{DEFAULT_BUDGET}, or {OFFLOADED_BUDGET} when the verifier's target streams its weights "
+                      "(offloaded)."),
     click.option("--max-n-beams", type=click.IntRange(min=1), default=TreeConfig.max_n_beams, show_default=True,
                  help="Tree nodes expanded per draft forward."),
     click.option("--branch-width", type=click.IntRange(min=1), default=TreeConfig.branch_width, show_default=True,
@@ -431,7 +436,7 @@ def _budgets(ctx, param, value):
             try:
                 out.append(BUDGET.convert(v, param, ctx))
             except click.BadParameter:
-                raise click.BadParameter(f"budgets are positive integers or 'auto', got {v!r}")
+                raise click.BadParameter(f"budgets are positive integers, 'auto' or 'default', got {v!r}")
     return tuple(out)
 
 
@@ -450,7 +455,8 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
 @click.option("--methods", default="specexec,autoregressive", show_default=True, callback=_csv(str),
               help=f"Any of {', '.join(BENCH_METHODS)}.")
 @click.option("--budgets", default="16,32,64", show_default=True, callback=_budgets,
-              help="Tree budgets, e.g. 16,32,auto.")
+              help="Tree budgets, e.g. 16,32,auto,default (default: what --budget's default picks for this "
+                   "verifier's placement).")
 @click.option("--temperatures", default="0", show_default=True, callback=_csv(float))
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.9, show_default=True,
               help="Applied at temperatures above 0.")

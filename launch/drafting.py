@@ -92,8 +92,10 @@ def check_pair(draft: DraftModel | None, target_vocab: int) -> None:
 
 def draft_session(link: VerifierLink, draft: DraftModel | None, tuners: BudgetTuners, options: RunOptions,
                   context: str | None, max_context: int | None, stop_ids: frozenset[int] = frozenset(),
-                  session_id: str | None = None) -> DraftSession:
-    """The drafter's loop for one run over `link`: the method's tree search and --budget auto's choice."""
+                  session_id: str | None = None, offloaded: bool = False) -> DraftSession:
+    """The drafter's loop for one run over `link`: the method's tree search and --budget auto's choice;
+    the default budget is the offloaded one where the target streams its weights (`offloaded`)."""
+    options = options.placed(offloaded)
     search = None
     if options.tree.method != "autoregressive":
         if draft is None:
@@ -146,6 +148,7 @@ class RemotePipeline:
             probe.close()
         check_pair(self.draft, self.welcome.vocab_size)
         self.stop_ids = frozenset(self.welcome.stop_ids)
+        self.offloaded = self.welcome.offloaded
         self.chat_template = self.welcome.chat_template or None
         self.tuners = BudgetTuners(self._target_curve, lambda: draft_curve(self.draft, self.draft_path), report)
 
@@ -175,7 +178,7 @@ class RemotePipeline:
         try:
             link.open()
             drafter = draft_session(link, self.draft, self.tuners, options, context,
-                                    self.welcome.max_context, self.stop_ids, session_id)
+                                    self.welcome.max_context, self.stop_ids, session_id, self.offloaded)
             result = drafter.generate(prompt_ids, on_tokens)
         finally:
             link.close()

@@ -19,6 +19,7 @@ from specexec.launch.loading import encode_chat, encode_prompt, load_tokenizer, 
 from specexec.launch.options import ModelOptions, PlacementOptions
 from specexec.launch.serving import load_target, make_placement, target_curve
 from specexec.verifier.inprocess import InProcessVerifier
+from specexec.verifier.placement import streams_weights
 from specexec.verifier.session import SessionConfig, TargetSession
 from specexec.verifier.target_model import TargetModel
 
@@ -32,6 +33,7 @@ class Pipeline(Protocol):
     chat_template: str | None  # the target's, where the verifier sent one
     draft: DraftModel | None
     target_model: torch.nn.Module | None  # the target itself, when it lives in this process
+    offloaded: bool  # the target streams its weights every pass: the default budget is OFFLOADED_BUDGET
 
     def encode(self, text: str, chat: bool | None) -> list[int]:
         """Prompt ids for `text` (chat=None: through the chat template when there is one)."""
@@ -58,6 +60,7 @@ class LocalPipeline:
         self.tokenizer = load_tokenizer(target_path)
         self.target_model = load_target(target_path, models.dtype, self.placement)
         self.target = TargetModel(self.target_model, simulate_bus_gbps)
+        self.offloaded = streams_weights(self.target_model) or bool(simulate_bus_gbps)
         self.stop_ids = stop_ids(self.tokenizer, self.target_model)
         self.chat_template = getattr(self.tokenizer, "chat_template", None)
         self.draft = load_draft(draft_path, models.dtype, models.draft_dtype) if draft_path is not None else None
@@ -78,7 +81,7 @@ class LocalPipeline:
         """One continuation; `context` lets `--budget auto` keep its choice across related prompts."""
         session = TargetSession(self.target, SessionConfig(options.sampling, options.tree.rule, self.stop_ids))
         drafter = draft_session(InProcessVerifier(session), self.draft, self.tuners, options, context,
-                                self.target.max_context, self.stop_ids)
+                                self.target.max_context, self.stop_ids, offloaded=self.offloaded)
         return drafter.generate(prompt_ids, on_tokens)
 
     def close(self) -> None:

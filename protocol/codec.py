@@ -66,7 +66,7 @@ def encode(msg: Message) -> bytes:
         body.update(t="welcome", v=msg.version, session=msg.session, vocab_size=msg.vocab_size,
                     max_tree_nodes=msg.max_tree_nodes, max_append=msg.max_append, max_context=msg.max_context,
                     stop_ids=list(msg.stop_ids), model=msg.model, chat_template=msg.chat_template,
-                    forward_curve=[[int(n), float(sec)] for n, sec in msg.forward_curve])
+                    forward_curve=[[int(n), float(sec)] for n, sec in msg.forward_curve], offloaded=msg.offloaded)
     elif isinstance(msg, Close):
         body.update(t="close", session=msg.session)
     elif isinstance(msg, ErrorReply):
@@ -203,7 +203,7 @@ def _welcome(f: _Fields, limits: Limits) -> Welcome:
     return Welcome(f.str("session", 128), f.int("vocab_size", 1, 2**31), f.int("max_tree_nodes", 0, 2**31),
                    f.int("max_append", 1, 2**31), f.int("max_context", 1, 2**40), tuple(stop),
                    f.str("model", 512, ""), f.str("chat_template", 1 << 20, ""),
-                   tuple((int(n), float(sec)) for n, sec in curve))
+                   tuple((int(n), float(sec)) for n, sec in curve), f.get("offloaded", bool, False))
 
 
 def _close(f: _Fields, limits: Limits) -> Close:

@@ -35,6 +35,7 @@ class Welcome:
     model: str = ""
     chat_template: str = ""  # the target's, for drafters that only have the draft's tokenizer
     forward_curve: tuple[tuple[int, float], ...] = ()  # (tokens, seconds) per verification forward
+    offloaded: bool = False  # the target streams its weights every pass: a pass costs ~ the same for 1 or 128 tokens
     version: int = PROTOCOL_VERSION
 
 

@@ -106,6 +106,21 @@ def test_self_started_verifier_and_in_process_agree(tiny_pair):
     assert two_process["stats"]["bytes_sent"] > 0 and "bytes_sent" not in in_process["stats"]
 
 
+def test_the_default_budget_follows_the_verifiers_placement(tiny_pair, tmp_path):
+    """An offloaded target (a pass costs about the same for 1 or 128 tokens) gets the offloaded
+    budget by default, told by the verifier process in its Welcome; a budget given is kept."""
+    from specexec.drafter.tree_config import DEFAULT_BUDGET, OFFLOADED_BUDGET
+    paths, target = tiny_pair
+    args = ["w10 w11 w12", "--raw", "--json", "--max-new-tokens", "12", "--dtype", "float32"]
+    offloaded = ["--max-memory", "cpu=300KB", "--offload-folder", str(tmp_path / "off")]
+    in_ram = _json(generate(paths, *args, "--in-process"))
+    streamed = _json(generate(paths, *args, *offloaded))  # a verifier process of its own, told over the wire
+    given = _json(generate(paths, *args, *offloaded, "--in-process", "--budget", "8"))
+    assert in_ram["stats"]["budget"] == DEFAULT_BUDGET
+    assert streamed["stats"]["budget"] == OFFLOADED_BUDGET and given["stats"]["budget"] == 8
+    assert in_ram["token_ids"] == streamed["token_ids"] == given["token_ids"]
+
+
 @pytest.fixture
 def served_cli(tiny_pair, tmp_path):
     """`specexec serve` in its own process on a free loopback port, with a key file."""

@@ -41,7 +41,7 @@ messages = st.one_of(
     st.builds(Welcome, session, st.integers(1, 2**31), st.integers(0, 4096), st.integers(1, 2**31),
               st.integers(1, 2**40), st.lists(ids, max_size=4).map(tuple), st.text(max_size=30),
               st.text(max_size=200),
-              st.lists(st.tuples(st.integers(1, 4096), st.floats(0, 100)), max_size=6).map(tuple)),
+              st.lists(st.tuples(st.integers(1, 4096), st.floats(0, 100)), max_size=6).map(tuple), st.booleans()),
     st.builds(Close, session),
     st.builds(ErrorReply, st.sampled_from(ERROR_CODES), st.text(max_size=100), session, st.integers(-1, 100)),
 )
@@ -172,3 +172,13 @@ def test_key_files(tmp_path):
         load_key(tmp_path / "short")
     with pytest.raises(ValueError, match="cannot read key file"):
         load_key(tmp_path / "missing")
+
+
+def test_welcome_offloaded_is_a_bool_and_absent_means_in_memory():
+    body = msgpack.unpackb(encode(Welcome("s", 96, 64, 64, 1024, offloaded=True)), raw=False)
+    assert decode(msgpack.packb(body, use_bin_type=True)).offloaded is True
+    del body["offloaded"]  # a verifier from before the field
+    assert decode(msgpack.packb(body, use_bin_type=True)).offloaded is False
+    body["offloaded"] = "yes"
+    with pytest.raises(ProtocolError, match="welcome.offloaded: expected bool, got str"):
+        decode(msgpack.packb(body, use_bin_type=True))

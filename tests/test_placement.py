@@ -5,7 +5,7 @@ from harness import run
 from specexec.launch.serving import load_target
 from specexec.protocol.tree import ROOT, DraftTree
 from tiny_models import greedy_reference, perturbed, tiny_lm
-from specexec.verifier.placement import Placement, parse_max_memory, report
+from specexec.verifier.placement import Placement, parse_max_memory, report, streams_weights
 from specexec.verifier.target_model import TargetModel
 
 PROMPT = [5, 17, 3, 44, 9, 12, 60]
@@ -69,6 +69,15 @@ def test_placement_reports(saved, tmp_path):
     assert "4 decoder layers in CPU memory" in report(streamed) and "2 layer buffers" in report(streamed)
     from_disk = report(load_target(path, "float32", p["disk streamer (the default for a cpu cap with a folder)"]))
     assert from_disk.startswith("placement (disk streamed)")
+
+
+def test_placements_that_stream_weights_say_so(saved, tmp_path):  # drafters default to a large budget there
+    path, model = saved
+    streams = {name: streams_weights(load_target(path, "float32", placement))
+               for name, placement in placements(tmp_path, model).items()}
+    assert streams == {name: name != "one device" for name in streams}
+    assert streams_weights(type("M", (), {"hf_device_map": {"a": 0, "b": "cpu"}})())  # cpu under a GPU
+    assert not streams_weights(type("M", (), {"hf_device_map": {"a": "cpu", "b": "cpu"}})())
 
 
 def test_streamer_copies_each_layer_once_per_forward(saved):

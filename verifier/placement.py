@@ -171,6 +171,16 @@ def report(model: torch.nn.Module) -> str:
     return f"placement: all {len(layers)} decoder layers on {device}; {_bytes(model) / 2**30:.2f} GiB"
 
 
+def streams_weights(model: torch.nn.Module) -> bool:
+    """Whether every forward moves weights into the computing device (the offloaded regime, where a
+    pass costs about the same for 1 or 128 tokens): a layer streamer, or accelerate with modules on
+    disk, or in CPU memory under a GPU."""
+    if getattr(model, "_specexec_streamer", None) is not None:
+        return True
+    labels = {_label(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    return "disk" in labels or ("cpu" in labels and any(label.startswith("cuda") for label in labels))
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
