@@ -57,6 +57,13 @@ class Completion:
     error: str | None = None
 
 
+def is_last(event: object) -> bool:
+    """One event from a job's sink: a failure is raised; the Completion is the last one."""
+    if isinstance(event, BaseException):
+        raise event
+    return isinstance(event, Completion)
+
+
 class StopMatcher:
     """Cuts streamed text before the first stop string, holding back what may start one."""
 
@@ -332,10 +339,9 @@ class LLM:
         try:
             while True:
                 item = events.get()
-                if isinstance(item, BaseException):
-                    raise item
+                last = is_last(item)
                 yield item
-                if isinstance(item, Completion):
+                if last:
                     return
         finally:
             job.cancel.set()

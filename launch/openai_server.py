@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from specexec.launch.api import LLM, Busy, Completion, PromptTooLong
+from specexec.launch.api import LLM, Busy, Completion, PromptTooLong, is_last
 from specexec.launch.metrics import Metrics
 
 log = logging.getLogger("specexec.api")
@@ -200,10 +200,9 @@ async def _events(llm: LLM, request) -> AsyncIterator[object]:
     try:
         while True:
             item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
+            last = is_last(item)
             yield item
-            if isinstance(item, Completion):
+            if last:
                 return
     finally:
         job.cancel.set()

@@ -39,6 +39,7 @@ Writes are buffered, then fdatasync'd and dropped from the cache the same way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -264,15 +265,27 @@ class OffloadStore:
         yield first
         yield from chunks
 
-    def _chunks_once(self, index: int, buffer: torch.Tensor):
+    @contextlib.contextmanager
+    def _checked(self, index: int):
+        """An fd on layer `index`'s file, its size checked against the manifest; with buffered
+        reads its pages are dropped from the page cache after use."""
         entry, path = self.layers[index], self.path(index)
-        view = memoryview(buffer.numpy())
         fd = self._open(path)
         try:
             size = os.fstat(fd).st_size
             if size != entry.size:
                 raise OffloadStoreError(f"offload file {path} has {size} bytes, its manifest says {entry.size}: "
                                         f"truncated or overwritten; delete {self.folder} to rewrite it")
+            yield fd
+            if not self.direct_io:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def _chunks_once(self, index: int, buffer: torch.Tensor):
+        size, path = self.layers[index].size, self.path(index)
+        view = memoryview(buffer.numpy())
+        with self._checked(index) as fd:
             done = 0
             while done < size:
                 want = min(len(view), size - done)
@@ -282,10 +295,6 @@ class OffloadStore:
                                             f"truncated; delete {self.folder} to rewrite it")
                 yield view[:want]
                 done += want
-            if not self.direct_io:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
     def _pread(self, fd: int, view: memoryview, offset: int) -> int:
         """Fill `view` from `offset` (several reads if the kernel returns less); returns bytes read."""
@@ -321,12 +330,7 @@ class OffloadStore:
 
     def _rows_once(self, index, rows, row_bytes, scratch, flat) -> None:
         entry, path = self.layers[index], self.path(index)
-        fd = self._open(path)
-        try:
-            size = os.fstat(fd).st_size
-            if size != entry.size:
-                raise OffloadStoreError(f"offload file {path} has {size} bytes, its manifest says {entry.size}: "
-                                        f"truncated or overwritten; delete {self.folder} to rewrite it")
+        with self._checked(index) as fd:
             for k, row in enumerate(rows):
                 start = entry.tensors[0].offset + row * row_bytes
                 first = start - start % ALIGN
@@ -335,10 +339,6 @@ class OffloadStore:
                     raise OffloadStoreError(f"offload file {path} ended before row {row}: truncated; "
                                             f"delete {self.folder} to rewrite it")
                 flat[k] = scratch[start - first:start - first + row_bytes]
-            if not self.direct_io:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
     def read_into(self, index: int, buffer: torch.Tensor) -> int:
         """Read layer `index`'s whole file into `buffer` (aligned uint8, at least its size); returns bytes."""
