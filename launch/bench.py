@@ -22,6 +22,21 @@ from specexec.protocol.sampling import SamplingParams
 BASELINE = "autoregressive"
 
 
+def method_shape(label: str) -> tuple[str, tuple[int, int] | None]:
+    """`specinfer:4x8` -> ("specinfer", (4, 8)): a method with a tree shape of its own (branch width x
+    max depth; SpecInfer's k chains x depth d), so that each method runs at its own best shape in
+    one run; a bare name takes the shared --branch-width/--max-depth."""
+    name, sep, shape = label.partition(":")
+    if not sep:
+        return name, None
+    width, x, depth = shape.partition("x")
+    if not (x and width.isdigit() and depth.isdigit() and int(width) >= 1 and int(depth) >= 1):
+        raise ValueError(f"method {label!r}: a shape is WIDTHxDEPTH, e.g. specinfer:4x8")
+    if name in (BASELINE, "hf-assisted"):
+        raise ValueError(f"method {label!r}: {name} grows no tree of ours, so it takes no shape")
+    return name, (int(width), int(depth))
+
+
 @dataclass(frozen=True)
 class BenchSpec:
     methods: tuple[str, ...] = ("specexec", BASELINE)
@@ -38,9 +53,10 @@ class BenchSpec:
         'default'."""
         out = []
         for method in self.methods:
-            if method in (BASELINE, "hf-assisted"):
+            name = method_shape(method)[0]
+            if name in (BASELINE, "hf-assisted"):
                 out.append((method, 0))
-            elif method == "chain" and self.max_depth:
+            elif name == "chain" and self.max_depth:
                 budgets = [b if isinstance(b, str) else min(b, self.max_depth) for b in self.budgets]
                 out.extend((method, b) for b in dict.fromkeys(budgets))
             else:
@@ -153,7 +169,8 @@ def summarize(records: Iterable[Record]) -> list[dict]:
         r["decode speedup"] = (r["decode tok/s"] / b["decode tok/s"] if b and b["decode tok/s"]
                                and r["decode tok/s"] is not None else None)
     order = {m: i for i, m in enumerate(["specexec", "specinfer", "chain", "hf-assisted", BASELINE])}
-    rows.sort(key=lambda r: (r["set"], r["temp"], order.get(r["method"], 9), str(r["budget"]).zfill(6)))
+    rows.sort(key=lambda r: (r["set"], r["temp"], order.get(method_shape(r["method"])[0], 9), r["method"],
+                             str(r["budget"]).zfill(6)))
     return rows
 
 
@@ -201,8 +218,11 @@ def make_runner(pipe, spec: BenchSpec, tree: TreeConfig, overlap: bool, hf_targe
         if method == "hf-assisted":
             return hf_assisted.generate(hf_target, pipe.draft.model, prompt_ids, spec.max_new_tokens, sampling,
                                         pipe.stop_ids)
+        name, own = method_shape(method)
         chosen = budget in ("auto", "default")
-        shape = replace(tree, method=method, budget=0 if method == BASELINE else DEFAULT_BUDGET if chosen else budget)
+        shape = replace(tree, method=name, budget=0 if name == BASELINE else DEFAULT_BUDGET if chosen else budget)
+        if own:
+            shape = replace(shape, branch_width=own[0], max_depth=own[1])
         options = RunOptions(shape, sampling, spec.max_new_tokens, overlap, budget == "auto",
                              budget_default=budget == "default")
         return pipe.generate(prompt_ids, options, context=context)

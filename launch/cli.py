@@ -453,7 +453,8 @@ BENCH_METHODS = METHODS + ("hf-assisted",)
                    "chat template; auto: chat for chat sets (oasst), raw for the others (HumanEval, c4, files).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--methods", default="specexec,autoregressive", show_default=True, callback=_csv(str),
-              help=f"Any of {', '.join(BENCH_METHODS)}.")
+              help=f"Any of {', '.join(BENCH_METHODS)}; a tree method may take a shape of its own, "
+                   "WIDTHxDEPTH (e.g. specinfer:4x8: 4 chains x depth 8) in place of --branch-width/--max-depth.")
 @click.option("--budgets", default="16,32,64", show_default=True, callback=_budgets,
               help="Tree budgets, e.g. 16,32,auto,default (default: what --budget's default picks for this "
                    "verifier's placement).")
@@ -486,7 +487,10 @@ def bench(models, prompt_sets, n_prompts, template, max_new_tokens, methods, bud
     """Measure gen_rate and tokens/s per method, budget and temperature, side by side."""
     from specexec.launch import bench as benchmod
     from specexec.launch import prompts as promptmod
-    bad = [m for m in methods if m not in BENCH_METHODS]
+    try:
+        bad = [m for m in methods if benchmod.method_shape(m)[0] not in BENCH_METHODS]
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--methods")
     if bad:
         raise click.BadParameter(f"unknown method {bad[0]!r}; expected any of {', '.join(BENCH_METHODS)}",
                                  param_hint="--methods")

@@ -141,3 +141,30 @@ def test_an_empty_prompt_set_is_a_clear_error_not_an_index_error():
         run_bench(lambda *a: None, {"mine": []}, {"mine": []}, BenchSpec())
     with pytest.raises(ValueError, match="no prompt sets"):
         run_bench(lambda *a: None, {}, {}, BenchSpec())
+
+
+def test_each_method_can_run_at_its_own_shape(tiny_pair, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "w10 w11 w12"}\n')
+    out = tmp_path / "r.jsonl"
+    args = ["bench", "--target", tiny_pair["target"], "--draft", tiny_pair["draft"], "--dtype", "float32",
+            "--prompts", str(prompts), "--max-new-tokens", "12", "--methods", "specexec,specinfer:2x3",
+            "--budgets", "8", "--temperatures", "0.7", "--no-warmup", "--in-process", "--out", str(out)]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    records = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"specexec", "specinfer:2x3"} and "specinfer:2x3" in res.stdout
+    shaped = records["specinfer:2x3"]["rounds"]
+    assert all(x["tree_depth"] <= 3 and x["tree_size"] <= 6 for x in shaped)  # 2 chains x depth 3
+    assert max(x["tree_size"] for x in records["specexec"]["rounds"]) > 6  # the shared shape: 16 wide, 32 deep
+
+
+@pytest.mark.parametrize("method, message", [
+    ("specinfer:4by8", "a shape is WIDTHxDEPTH"),
+    ("specinfer:0x8", "a shape is WIDTHxDEPTH"),
+    ("autoregressive:2x2", "grows no tree of ours"),
+    ("beam:2x2", "unknown method 'beam:2x2'"),
+])
+def test_bad_method_shapes_are_named(tiny_pair, method, message):
+    res = CliRunner().invoke(main, ["bench", "--target", tiny_pair["target"], "--methods", method])
+    assert res.exit_code == 2 and message in res.output
