@@ -78,7 +78,9 @@ def nucleus_logp(vals: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = vals.exp()
     inside = probs.cumsum(-1) - probs < top_p
     mass = torch.where(inside, probs, 0.0).sum(-1, keepdim=True).clamp_min(top_p)
-    return torch.where(inside, vals - mass.log(), -math.inf)
+    # at most 0: a child never outscores its parent (a sure token's rounding could say +1e-7), so
+    # the best `budget` nodes always include each one's parent (ties go to the older node)
+    return torch.where(inside, (vals - mass.log()).clamp_max(0.0), -math.inf)
 
 
 class TreeSearch:

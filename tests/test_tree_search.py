@@ -281,3 +281,9 @@ def test_a_top_p_tree_holds_only_tokens_the_target_can_sample():
         probs = torch.softmax(known_logits(PROMPT + path[:-1], VOCAB), -1)
         ahead = probs[probs > probs[path[-1]]].sum()  # mass of the likelier tokens
         assert ahead < top_p, (path, float(ahead))  # inside the nucleus top-p sampling draws from
+
+
+def test_a_sure_token_never_outscores_its_parent():
+    from specexec.drafter.tree_search import nucleus_logp
+    vals = torch.log_softmax(torch.tensor([[30.0, 0.1, 0.0, -1.0]]), -1)  # p(first) ~ 1 - 1e-13
+    assert float(nucleus_logp(vals, 0.9).max()) <= 0.0
