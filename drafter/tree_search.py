@@ -69,20 +69,6 @@ class RoundTree:
     ranks: list[int]
 
 
-def nucleus_logp(vals: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Sorted top-k draft log-probabilities [rows, k] as top-p sampling sees them: tokens past the
-    nucleus (the fewest whose mass reaches top_p) at -inf, the rest renormalised by the nucleus's
-    mass (taken as top_p where the nucleus reaches past these k). The target samples only inside
-    its own nucleus, so a tree scored this way spends no nodes on tokens it can never accept and
-    grows deeper where the draft is sure. Any tree is verified exactly: the output is unchanged."""
-    probs = vals.exp()
-    inside = probs.cumsum(-1) - probs < top_p
-    mass = torch.where(inside, probs, 0.0).sum(-1, keepdim=True).clamp_min(top_p)
-    # at most 0: a child never outscores its parent (a sure token's rounding could say +1e-7), so
-    # the best `budget` nodes always include each one's parent (ties go to the older node)
-    return torch.where(inside, (vals - mass.log()).clamp_max(0.0), -math.inf)
-
-
 class TreeSearch:
     def __init__(self, draft: DraftModel, config: TreeConfig, params: SamplingParams):
         if config.method == "specinfer" or (config.rule == "specinfer" and not params.greedy):
@@ -92,7 +78,6 @@ class TreeSearch:
         self.config = config
         self.params = params
         self.draft_temperature = params.temperature if params.temperature > 0 else 1.0
-        self.nucleus = params.top_p if params.temperature > 0 else 1.0  # the target samples only inside it
         self.lookup = PromptLookup(config.ngram_len)
         self.reused = 0  # nodes carried into this round by reroot
         self.expansions = 0  # nodes expanded by the draft so far (cumulative; stats take differences)
@@ -294,16 +279,12 @@ class TreeSearch:
         """Add the children of freshly expanded `nodes` as candidates."""
         logp = torch.log_softmax(logits.float() / self.draft_temperature, dim=-1)
         vals, ids = torch.topk(logp, min(self.config.width, logp.shape[-1]), dim=-1, sorted=True)
-        if self.nucleus < 1.0:
-            vals = nucleus_logp(vals, self.nucleus)
         vals, ids = vals.tolist(), ids.tolist()
         for row, nid in enumerate(nodes):
             if self.depth[nid] >= self.config.max_depth:
                 continue
             base = self.score[nid] + self.level_logp
             for v, t in zip(vals[row], ids[row]):
-                if v == -math.inf:
-                    break  # sorted: the rest lie outside the nucleus too
                 self._child(nid, t, base + v)
 
     @property

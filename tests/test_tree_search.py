@@ -2,10 +2,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from specexec.drafter.tree_search import TreeConfig, TreeSearch
-from known_draft import KnownDraft, known_logits, oracle_top
+from known_draft import KnownDraft, oracle_top
 from specexec.protocol.sampling import SamplingParams
 from specexec.protocol.tree import ROOT
 
@@ -261,29 +260,3 @@ def test_a_deadline_sends_the_best_nodes_found_so_far():
     discovered = sorted(range(1, len(search.token)), key=lambda n: (-search.score[n], n))[:40]
     assert sorted(sent.nodes) == sorted(discovered)  # the best discovered, closed under ancestors
     assert paths(sent.tree) != oracle_top(PROMPT, VOCAB, 40, 4, 32)  # not yet the certified tree
-
-
-def test_nucleus_scores_drop_what_top_p_never_samples_and_renormalise_the_rest():
-    from specexec.drafter.tree_search import nucleus_logp
-    vals = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.3, 0.2, 0.1, 0.05]]).log()
-    got = nucleus_logp(vals, 0.7).exp()
-    assert torch.allclose(got[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))  # the nucleus: 0.5 + 0.3
-    assert torch.allclose(got[1], torch.tensor([0.3, 0.2, 0.1, 0.05]) / 0.7)  # reaches past these four
-
-
-def test_a_top_p_tree_holds_only_tokens_the_target_can_sample():
-    top_p = 0.6
-    _, sent = grown(TreeConfig("specexec", 40, max_n_beams=8, branch_width=12), SamplingParams(1.0, top_p))
-    tree = sent.tree
-    assert len(tree) == 40
-    for n in range(len(tree)):
-        path = [int(tree.tokens[i]) for i in tree.path_to(n)]
-        probs = torch.softmax(known_logits(PROMPT + path[:-1], VOCAB), -1)
-        ahead = probs[probs > probs[path[-1]]].sum()  # mass of the likelier tokens
-        assert ahead < top_p, (path, float(ahead))  # inside the nucleus top-p sampling draws from
-
-
-def test_a_sure_token_never_outscores_its_parent():
-    from specexec.drafter.tree_search import nucleus_logp
-    vals = torch.log_softmax(torch.tensor([[30.0, 0.1, 0.0, -1.0]]), -1)  # p(first) ~ 1 - 1e-13
-    assert float(nucleus_logp(vals, 0.9).max()) <= 0.0
