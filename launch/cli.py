@@ -105,8 +105,7 @@ model_options = option_group(
                  default=ModelOptions.draft_dtype,
                  show_default=True,
                  help="Draft weights. auto: int8 on a CPU that runs it (the draft only proposes; output is "
-                      "unchanged), else like --dtype; like --dtype also for an offloaded target (drafting hides "
-                      "under its passes, and the better draft accepts more a pass)."),
+                      "unchanged), else like --dtype."),
 )
 
 tree_options = option_group(

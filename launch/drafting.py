@@ -53,23 +53,21 @@ class VerifierStartError(PipelineError):
 
 # -- the draft model --------------------------------------------------------------------------
 
-def resolve_draft_dtype(draft_dtype: str, dtype: str, path: str, offloaded: bool = False) -> str:
-    """`auto`: int8 weights where this CPU runs them (the draft only proposes), else like --dtype;
-    like --dtype also for an `offloaded` target, whose passes take seconds: drafting hides under
-    them and the better draft accepts more a pass (docs/results.md, the offloaded regime)."""
+def resolve_draft_dtype(draft_dtype: str, dtype: str, path: str) -> str:
+    """`auto`: int8 weights where this CPU runs them (the draft only proposes), else like --dtype."""
     if draft_dtype not in DRAFT_DTYPES:
         raise ValueError(f"unknown draft dtype {draft_dtype!r}; expected one of {', '.join(DRAFT_DTYPES)}")
     if draft_dtype == "int8" and not int8_supported():
         raise ValueError("--draft-dtype int8: this PyTorch build or CPU has no fast int8 linear "
                          f"(quantized engine {torch.backends.quantized.engine!r}); use float32 or bfloat16")
     if draft_dtype == "auto":
-        return "int8" if int8_supported() and not offloaded else str(resolve_dtype(dtype, path)).removeprefix("torch.")
+        return "int8" if int8_supported() else str(resolve_dtype(dtype, path)).removeprefix("torch.")
     return draft_dtype
 
 
-def load_draft(path: str, dtype: str = "auto", draft_dtype: str = "auto", offloaded: bool = False) -> DraftModel:
-    """The draft model for this CPU and this target: int8 linears, or packed float32/bf16 ones."""
-    chosen = resolve_draft_dtype(draft_dtype, dtype, path, offloaded)
+def load_draft(path: str, dtype: str = "auto", draft_dtype: str = "auto") -> DraftModel:
+    """The draft model for this CPU: int8 linears, or packed float32/bf16 ones."""
+    chosen = resolve_draft_dtype(draft_dtype, dtype, path)
     if chosen == "int8":
         model = load_causal_lm(path, torch.float32, pack=False)
         quantize_int8(model)
@@ -142,15 +140,15 @@ class RemotePipeline:
         self.draft_path = draft_path
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.draft = load_draft(draft_path, dtype, draft_dtype) if draft_path is not None else None
         probe = self._link(Hello(uuid.uuid4().hex, self.fingerprint, SamplingParams(), "specexec"))
         try:
             self.welcome = probe.open()
         finally:
             probe.close()
-        self.offloaded = self.welcome.offloaded
-        self.draft = load_draft(draft_path, dtype, draft_dtype, self.offloaded) if draft_path is not None else None
         check_pair(self.draft, self.welcome.vocab_size)
         self.stop_ids = frozenset(self.welcome.stop_ids)
+        self.offloaded = self.welcome.offloaded
         self.chat_template = self.welcome.chat_template or None
         self.tuners = BudgetTuners(self._target_curve, lambda: draft_curve(self.draft, self.draft_path), report)
 

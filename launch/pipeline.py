@@ -61,10 +61,9 @@ class LocalPipeline:
         self.target_model = load_target(target_path, models.dtype, self.placement)
         self.target = TargetModel(self.target_model, simulate_bus_gbps)
         self.offloaded = streams_weights(self.target_model) or bool(simulate_bus_gbps)
-        self.draft = (load_draft(draft_path, models.dtype, models.draft_dtype, self.offloaded)
-                      if draft_path is not None else None)
         self.stop_ids = stop_ids(self.tokenizer, self.target_model)
         self.chat_template = getattr(self.tokenizer, "chat_template", None)
+        self.draft = load_draft(draft_path, models.dtype, models.draft_dtype) if draft_path is not None else None
         check_pair(self.draft, self.target.vocab_size)
         self.tuners = BudgetTuners(
             lambda: target_curve(self.target, self.target_path, self.placement.describe()),

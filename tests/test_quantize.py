@@ -50,14 +50,3 @@ def test_int8_draft_leaves_the_output_to_the_target(method, shape, rate):
         out = run(model, draft, prompt, 24, method=method, budget=16, **shape)
         assert out.token_ids == greedy_reference(model, prompt, 24)
     assert out.stats.gen_rate > rate  # and it still drafts usefully
-
-
-@pytest.mark.skipif(not int8_supported(), reason="no fast int8 linear on this CPU or build")
-def test_auto_draft_weights_are_int8_unless_the_target_is_offloaded(tmp_path):
-    from specexec.launch.drafting import resolve_draft_dtype
-    tiny_lm("llama").save_pretrained(tmp_path)  # float32 weights: --dtype auto reads them
-    assert resolve_draft_dtype("auto", "float32", str(tmp_path)) == "int8"
-    assert resolve_draft_dtype("auto", "float32", str(tmp_path), offloaded=True) == "float32"
-    assert resolve_draft_dtype("int8", "float32", str(tmp_path), offloaded=True) == "int8"  # as told
-    with pytest.raises(ValueError, match="unknown draft dtype 'int4'"):
-        resolve_draft_dtype("int4", "float32", str(tmp_path))
