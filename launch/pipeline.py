@@ -20,7 +20,7 @@ from specexec.launch.options import ModelOptions, PlacementOptions
 from specexec.launch.serving import load_target, make_placement, target_curve
 from specexec.verifier.inprocess import InProcessVerifier
 from specexec.verifier.placement import streams_weights
-from specexec.verifier.session import SessionConfig, TargetSession
+from specexec.verifier.session import SessionConfig, TargetSession, prefill_chunk
 from specexec.verifier.target_model import TargetModel
 
 
@@ -79,7 +79,8 @@ class LocalPipeline:
                  on_tokens: Callable[[list[int]], None] | None = None, context: str | None = None
                  ) -> GenerationResult:
         """One continuation; `context` lets `--budget auto` keep its choice across related prompts."""
-        session = TargetSession(self.target, SessionConfig(options.sampling, options.tree.rule, self.stop_ids))
+        config = SessionConfig(options.sampling, options.tree.rule, self.stop_ids, prefill_chunk(self.offloaded))
+        session = TargetSession(self.target, config)
         drafter = draft_session(InProcessVerifier(session), self.draft, self.tuners, options, context,
                                 self.target.max_context, self.stop_ids, offloaded=self.offloaded)
         return drafter.generate(prompt_ids, on_tokens)

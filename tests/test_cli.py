@@ -121,6 +121,19 @@ def test_the_default_budget_follows_the_verifiers_placement(tiny_pair, tmp_path)
     assert in_ram["token_ids"] == streamed["token_ids"] == given["token_ids"]
 
 
+def test_a_streaming_verifier_prefills_in_long_chunks_and_says_it_streams(tiny_pair, tmp_path):
+    """Every forward of a streamed target reads all its weights: its prompt goes in few, long chunks."""
+    from specexec.launch.options import PlacementOptions
+    from specexec.launch.serving import ServeOptions, build_service
+    from specexec.verifier.session import PREFILL_CHUNK, STREAMED_PREFILL_CHUNK
+    paths, _ = tiny_pair
+    in_ram = build_service(ServeOptions(paths["target"], dtype="float32"))
+    streamed = build_service(ServeOptions(paths["target"], dtype="float32", placement=PlacementOptions(
+        max_memory="cpu=300KB", offload_folder=str(tmp_path / "off"))))
+    assert (in_ram.config.offloaded, in_ram.config.prefill_chunk) == (False, PREFILL_CHUNK)
+    assert (streamed.config.offloaded, streamed.config.prefill_chunk) == (True, STREAMED_PREFILL_CHUNK)
+
+
 @pytest.fixture
 def served_cli(tiny_pair, tmp_path):
     """`specexec serve` in its own process on a free loopback port, with a key file."""

@@ -137,3 +137,4 @@ def test_descriptions_tell_disk_streaming_from_accelerate():  # the profile cach
 
 def test_cpu_budget_in_bytes():
     assert Placement(max_memory="cpu=1GiB", offload_folder="d").cpu_budget == 2**30
+
