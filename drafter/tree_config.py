@@ -12,7 +12,7 @@ METHODS = ("specexec", "specinfer", "chain", "autoregressive")
 DEFAULT_BUDGET = 16  # nodes per tree: the one default the CLI, bench and API read
 # ... unless the target streams its weights every pass (an offloaded target), where a pass costs
 # about the same for 1 or 128 tokens and the draft grows 128 nodes in a fraction of one pass
-# (docs/results.md, the offloaded regime: 3.67x at 16, 3.98x at 128 in one run on four chat prompts).
+# (docs/results.md, the offloaded regime: 3.72x at 16, 4.46x at 128 in one run on four chat prompts).
 OFFLOADED_BUDGET = 128
 DEFAULT_MAX_NEW_TOKENS = 256  # tokens one generation makes at most, unless told (CLI, API, RunOptions)
 DEFAULT_BEAMS = 16  # draft forward width: near a 1-node forward's cost on a 2-core CPU (draft_profile)
