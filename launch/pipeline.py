@@ -19,7 +19,6 @@ from specexec.launch.loading import encode_chat, encode_prompt, load_tokenizer, 
 from specexec.launch.options import ModelOptions, PlacementOptions
 from specexec.launch.serving import load_target, make_placement, target_curve
 from specexec.verifier.inprocess import InProcessVerifier
-from specexec.verifier.placement import streams_weights
 from specexec.verifier.session import SessionConfig, TargetSession, prefill_chunk
 from specexec.verifier.target_model import TargetModel
 
@@ -60,7 +59,6 @@ class LocalPipeline:
         self.tokenizer = load_tokenizer(target_path)
         self.target_model = load_target(target_path, models.dtype, self.placement)
         self.target = TargetModel(self.target_model, simulate_bus_gbps)
-        self.offloaded = streams_weights(self.target_model) or bool(simulate_bus_gbps)
         self.stop_ids = stop_ids(self.tokenizer, self.target_model)
         self.chat_template = getattr(self.tokenizer, "chat_template", None)
         self.draft = load_draft(draft_path, models.dtype, models.draft_dtype) if draft_path is not None else None
@@ -68,6 +66,10 @@ class LocalPipeline:
         self.tuners = BudgetTuners(
             lambda: target_curve(self.target, self.target_path, self.placement.describe()),
             lambda: draft_curve(self.draft, self.draft_path), report)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.target.offloaded
 
     def encode(self, text: str, chat: bool | None) -> list[int]:
         return encode_prompt(self.tokenizer, text, chat)

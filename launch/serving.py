@@ -22,7 +22,7 @@ from specexec.protocol.fingerprint import tokenizer_fingerprint
 from specexec.verifier.connection_cap import MAX_CONNECTIONS
 from specexec.verifier.disk_streamer import StreamStats, attach, streamer_of
 from specexec.verifier.layer_streamer import LayerStreamer
-from specexec.verifier.placement import Placement, report as placement_report, streams_weights
+from specexec.verifier.placement import Placement, report as placement_report
 from specexec.verifier.profile import DiskLimit, against_limit, disk_limit, forward_curve
 from specexec.verifier.server import ServerConfig, VerifierServer, VerifierService
 from specexec.verifier.session import prefill_chunk
@@ -111,14 +111,13 @@ def build_service(options: ServeOptions) -> VerifierService:
     tokenizer = load_tokenizer(options.target_path)
     model = load_target(options.target_path, options.dtype, placement)
     target = TargetModel(model, options.simulate_bus_gbps)
-    offloaded = streams_weights(model) or bool(options.simulate_bus_gbps)
     print(placement_report(model), file=sys.stderr, flush=True)
     config = ServerConfig(bind=options.bind, key=options.key, curve_dir=options.curve_dir,
                           limits=Limits(max_tree_nodes=options.max_tree_nodes),
                           max_sessions=options.max_sessions, max_cached_tokens=options.max_cached_tokens,
                           idle_timeout_s=options.idle_timeout_s, max_connections=options.max_connections,
                           max_context=min(target.max_context, 2**40),
-                          offloaded=offloaded, prefill_chunk=prefill_chunk(offloaded))
+                          prefill_chunk=prefill_chunk(target.offloaded))
     service = VerifierService(target, tokenizer_fingerprint(tokenizer), stop_ids(tokenizer, model), config,
                               model_name=str(getattr(model.config, "name_or_path", options.target_path)),
                               chat_template=getattr(tokenizer, "chat_template", None) or "")

@@ -130,8 +130,8 @@ def test_a_streaming_verifier_prefills_in_long_chunks_and_says_it_streams(tiny_p
     in_ram = build_service(ServeOptions(paths["target"], dtype="float32"))
     streamed = build_service(ServeOptions(paths["target"], dtype="float32", placement=PlacementOptions(
         max_memory="cpu=300KB", offload_folder=str(tmp_path / "off"))))
-    assert (in_ram.config.offloaded, in_ram.config.prefill_chunk) == (False, PREFILL_CHUNK)
-    assert (streamed.config.offloaded, streamed.config.prefill_chunk) == (True, STREAMED_PREFILL_CHUNK)
+    assert (in_ram.target.offloaded, in_ram.config.prefill_chunk) == (False, PREFILL_CHUNK)
+    assert (streamed.target.offloaded, streamed.config.prefill_chunk) == (True, STREAMED_PREFILL_CHUNK)
 
 
 @pytest.fixture

@@ -53,7 +53,6 @@ class ServerConfig:
     handshake_ms: int = HANDSHAKE_MS  # a connection that has not completed its ZMTP/CURVE handshake by then is closed
     inbound_queue: int = 4  # messages queued per connection before libzmq stops reading it (a drafter has 1-2)
     max_connections: int = MAX_CONNECTIONS  # a connection arriving while this many are open is closed at once
-    offloaded: bool = False  # the target streams its weights every pass (told to drafters: it sets their default budget)
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ class VerifierService:
         limits = self.config.limits
         return Welcome(msg.session, self.target.vocab_size, limits.max_tree_nodes, limits.max_append,
                        self.config.max_context, tuple(sorted(self.stop_ids)), self.model_name, self.chat_template,
-                       tuple(sorted(self.forward_curve.items())), self.config.offloaded)
+                       tuple(sorted(self.forward_curve.items())), self.target.offloaded)
 
     def _free_a_slot(self) -> bool:
         """Evict idle sessions; failing that, the oldest session that never verified a round."""

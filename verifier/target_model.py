@@ -18,6 +18,7 @@ from specexec.protocol.kv_prune import cache_length, gather_cache, keep_prefix_a
 from specexec.protocol.cache_keyword import cache_keyword
 from specexec.protocol.tree import ROOT, DraftTree, verify_mask, verify_positions
 from specexec.verifier.disk_streamer import StreamStats, streamer_of
+from specexec.verifier.placement import streams_weights
 
 
 @dataclass
@@ -64,6 +65,9 @@ class TargetModel:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
             b.numel() * b.element_size() for b in model.buffers())
         self.simulate_bus_gbps = simulate_bus_gbps
+        # every forward moves the weights into the computing device (or waits as if it did): told to
+        # drafters (their default budget) and sizing the prefill chunks
+        self.offloaded = streams_weights(model) or bool(simulate_bus_gbps)
         self.simulated_s = 0.0
         self._sleep = sleep
         self.decoder = getattr(model, model.base_model_prefix)
